@@ -1,0 +1,155 @@
+"""Text generation in small pieces: prefill, decode one token, sample, and the loop.
+
+``generate_stream`` yields every step as it happens (token, time, cache size) for widgets and
+progress bars; ``generate`` runs it to the end and returns the tokens with the timings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .cache import STRATEGIES
+from .model import GPTModel, check_token_ids
+
+
+@dataclass
+class Step:
+    """One generated token per sequence, as ``generate_stream`` yields it."""
+
+    index: int  # 0 is the token that the prefill produced
+    tokens: Tensor  # (B,) the new token of every sequence
+    seconds: float  # wall time of this step (the prefill for index 0)
+    seq_len: int  # tokens in each sequence after this step
+    cache_tokens: int  # tokens held by the cache of each layer
+    cache_nbytes: int  # bytes held by the caches of all layers
+
+
+@dataclass
+class GenerationResult:
+    tokens: Tensor  # (B, T): the prompt followed by the new tokens
+    prefill_time: float  # seconds for the prompt's forward pass (it also gives the first token)
+    step_times: list[float] = field(default_factory=list)  # seconds per decode step after that
+    cache: str = "none"
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second per sequence over the decode steps (the prefill excluded)."""
+        return len(self.step_times) / sum(self.step_times) if self.step_times else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Next token ``(B, 1)`` from last-position logits ``(B, vocab)``: greedy when temperature
+    is 0, else drawn from softmax(logits / temperature), optionally over the top_k logits only."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def prefill(model: GPTModel, idx: Tensor) -> Tensor:
+    """Run the prompt ``(B, T)`` once, filling the caches; return the next-token logits."""
+    model.reset_kv_cache()
+    return model(idx, use_cache=True, last_only=True)[:, -1, :]  # (B, vocab)
+
+
+def decode_one(model: GPTModel, seq: Tensor) -> Tensor:
+    """Logits ``(B, vocab)`` for the token after ``seq``: feed only the newest token when the
+    caches remember the rest, else recompute the whole (cropped) sequence."""
+    if model.caches[0].name == "none":
+        model.reset_kv_cache()
+        return model(seq[:, -model.cfg.context_length :], use_cache=True, last_only=True)[:, -1, :]
+    return model(seq[:, -1:], use_cache=True, last_only=True)[:, -1, :]
+
+
+def _validate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None,
+              temperature: float, top_k: int | None) -> str:
+    name = "none" if cache is None else cache
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown cache {cache!r}; choose None or one of {list(STRATEGIES)[1:]}")
+    check_token_ids(idx, model.cfg.vocab_size)
+    ctx, T = model.cfg.context_length, idx.shape[1]
+    if T > ctx:
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: "
+                         f"keep the last {ctx} tokens, e.g. idx[:, -{ctx}:]")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if name != "none" and T + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
+            f"tokens, but GPT-2 has {ctx} learned positions and a cache cannot go past them: "
+            f"ask for at most {ctx - T} new tokens, or use cache=None, which recomputes over the "
+            f"last {ctx} tokens"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive number of tokens (or None), got {top_k}")
+    return name
+
+
+@torch.no_grad()
+def generate_stream(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None = None,
+                    window: int | None = None, temperature: float = 0.0,
+                    top_k: int | None = None, seed: int | None = None,
+                    eos_id: int | None = None) -> Iterator[Step]:
+    """Yield a ``Step`` for every new token; arguments as for ``generate``."""
+    name = _validate(model, idx, max_new_tokens, cache, temperature, top_k)
+    model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    seq = idx
+    for i in range(max_new_tokens):
+        _sync(idx.device)
+        t0 = time.perf_counter()
+        logits = prefill(model, seq) if i == 0 else decode_one(model, seq)
+        nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
+        if eos_id is not None:  # finished sequences keep emitting eos
+            nxt = nxt.masked_fill(done[:, None], eos_id)
+            done |= nxt[:, 0] == eos_id
+        _sync(idx.device)
+        seconds = time.perf_counter() - t0
+        seq = torch.cat([seq, nxt], dim=1)
+        c = model.caches[0]
+        held = c.get_seq_length() if c.capacity is None else min(c.get_seq_length(), c.capacity)
+        yield Step(i, nxt[:, 0], seconds, seq.shape[1], held, model.kv_cache_nbytes)
+        if eos_id is not None and bool(done.all()):
+            break
+
+
+def generate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None = None,
+             window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             seed: int | None = None, eos_id: int | None = None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``.
+
+    cache: None (recompute everything each step), "concat", "prealloc" or "sliding" (needs
+    ``window``; with None, ``window`` masks the recomputation to the same span). temperature 0 is
+    greedy; otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
+    Stops early once every sequence has produced ``eos_id``.
+    """
+    tokens, times = [idx], []
+    for step in generate_stream(model, idx, max_new_tokens, cache, window, temperature, top_k,
+                                seed, eos_id):
+        tokens.append(step.tokens[:, None])
+        times.append(step.seconds)
+    return GenerationResult(torch.cat(tokens, dim=1), times[0] if times else 0.0, times[1:],
+                            "none" if cache is None else cache)

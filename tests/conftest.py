@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvlib
+
+# Offline machines: use the tiktoken files beside the checkout when they are there.
+_shared = Path(__file__).resolve().parents[1].parent / "shared" / "tiktoken-cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _shared.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_shared)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTModel:
+    torch.manual_seed(seed)
+    return kvlib.GPTModel(kvlib.GPTConfig.from_preset(preset, **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> kvlib.GPTModel:
+    return make_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def gpt2() -> kvlib.GPTModel:
+    return make_model("gpt2", seed=123)
