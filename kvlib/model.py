@@ -99,6 +99,13 @@ class GPTModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> GPTModel:
+        """OpenAI's GPT-2 weights ("gpt2", "gpt2-medium", ...) or a local safetensors file."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(name_or_path)
+
     @property
     def caches(self) -> list[KVCache]:
         return [block.attn.kv_cache for block in self.h]
