@@ -1,0 +1,140 @@
+"""OpenAI's GPT-2 weights in kvlib, and back: safetensors only, one name table for both ways.
+
+kvlib's module names follow Hugging Face's ``GPT2LMHeadModel`` (``wte``, ``h.0.attn.c_attn``, ...),
+so a kvlib tensor ``h.0.attn.c_attn.weight`` is HF's ``transformer.h.0.attn.c_attn.weight``. Two
+differences remain: HF's GPT-2 stores its projections as ``Conv1D`` with weights ``(in, out)``,
+the transpose of ``nn.Linear``'s ``(out, in)``; and the output head is tied to the token embedding,
+so checkpoints usually omit ``lm_head.weight``.
+
+``safetensors``, ``huggingface_hub`` (and ``transformers`` for :func:`hf_config`) are imported only
+when used: ``pip install "kvlib[pretrained]"``. Nothing here unpickles a file.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from .config import GPTConfig
+from .model import GPTModel
+
+HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large",
+                                                          "gpt2-xl")}
+WEIGHTS_FILE = "model.safetensors"
+
+# The one name table: kvlib name -> (HF name, is a Conv1D weight stored transposed). {i} is a layer.
+_TOP = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
+_BLOCK = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+          "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+          "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+_CONV1D = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
+# Causal-mask buffers that older transformers versions (and OpenAI's files) store: not weights.
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def name_table(n_layers: int) -> dict[str, tuple[str, bool]]:
+    """``{kvlib name: (HF GPT2LMHeadModel name, transposed)}``: every weight but the tied head."""
+    table = {name: (f"transformer.{name}", False) for name in _TOP}
+    for i in range(n_layers):
+        for name in _BLOCK:
+            table[f"h.{i}.{name}"] = (f"transformer.h.{i}.{name}", name in _CONV1D)
+    return table
+
+
+def to_hf_state_dict(model: GPTModel) -> dict[str, Tensor]:
+    """The state dict of Hugging Face's ``GPT2LMHeadModel`` holding ``model``'s weights.
+
+    ``GPT2LMHeadModel(hf_config(model.cfg)).load_state_dict(sd, strict=False)`` gives the same
+    model. ``lm_head.weight`` is included and is the same tensor as ``transformer.wte.weight``
+    (tied; drop it before ``safetensors.torch.save_file``, which refuses shared tensors). Absent:
+    the causal-mask buffers ``transformer.h.{i}.attn.bias`` / ``attn.masked_bias`` that older
+    transformers versions keep (hence ``strict=False``). Untransposed tensors share memory with
+    ``model``; Conv1D weights are transposed copies.
+    """
+    if not model.cfg.qkv_bias:
+        raise ValueError("GPT-2 (and HF's GPT2LMHeadModel) has a QKV bias; this model has none")
+    sd = model.state_dict()
+    hf = {hf_name: sd[name].t().contiguous() if transposed else sd[name]
+          for name, (hf_name, transposed) in name_table(model.cfg.n_layers).items()}
+    hf["lm_head.weight"] = hf["transformer.wte.weight"]
+    return hf
+
+
+def from_hf_state_dict(sd: dict[str, Tensor], cfg: GPTConfig, source: str = "state dict"
+                       ) -> GPTModel:
+    """A kvlib ``GPTModel`` (eval mode) from a GPT-2 state dict in Hugging Face's layout.
+
+    Keys may carry the ``transformer.`` prefix (``GPT2LMHeadModel``) or not (``GPT2Model``, OpenAI's
+    files); the causal-mask buffers ``h.{i}.attn.bias``/``attn.masked_bias`` are ignored;
+    ``lm_head.weight`` may be absent (it is tied) but if present must equal ``wte.weight``. A
+    missing, unexpected or wrongly shaped tensor raises a ``ValueError`` naming it and ``source``.
+    Tensors that need no transpose are used as they are (no copy): the model shares their memory.
+    """
+    table = name_table(cfg.n_layers)
+    by_hf = {hf.removeprefix("transformer."): (name, t) for name, (hf, t) in table.items()}
+    expected = _expected_shapes(cfg)
+    weights: dict[str, Tensor] = {}
+    head, unexpected = None, []
+    for key, tensor in sd.items():
+        short = key.removeprefix("transformer.")
+        if _BUFFER.fullmatch(short):
+            continue
+        if short == "lm_head.weight":
+            head = (key, tensor)
+            continue
+        if short not in by_hf:
+            unexpected.append(key)
+            continue
+        name, transposed = by_hf[short]
+        want = expected[name]
+        got = tuple(tensor.shape[::-1] if transposed else tensor.shape)
+        if got != want:
+            hf_want = want[::-1] if transposed else want
+            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected "
+                             f"{hf_want} for {_describe(cfg)}")
+        weights[name] = tensor.t().contiguous() if transposed else tensor
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {_few(unexpected)}: not part of a GPT-2 "
+                         f"with {cfg.n_layers} layers (is this a GPT-2 checkpoint?)")
+    missing = [table[name][0].removeprefix("transformer.") for name in table if name not in weights]
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {_few(missing)} for {_describe(cfg)}")
+    if head is not None and not torch.equal(head[1], weights["wte.weight"]):
+        raise ValueError(f"{source}: {head[0]!r} differs from wte.weight, but kvlib ties the "
+                         "output head to the token embedding, as GPT-2 does")
+
+    with torch.device("meta"):  # no time spent on a random init that is overwritten at once
+        model = GPTModel(cfg)
+    weights["lm_head.weight"] = weights["wte.weight"]
+    model.load_state_dict(weights, assign=True)
+    model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; tie them again
+    return model.eval()
+
+
+def hf_config(cfg: GPTConfig):
+    """The ``transformers.GPT2Config`` of a kvlib ``GPTConfig`` (transformers imported lazily)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length,
+                      n_embd=cfg.emb_dim, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                      activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+
+
+def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """kvlib name -> shape, read off a model built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _describe(cfg: GPTConfig) -> str:
+    return (f"a GPT-2 with emb_dim={cfg.emb_dim}, n_layers={cfg.n_layers}, "
+            f"vocab_size={cfg.vocab_size}, context_length={cfg.context_length}")
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
