@@ -12,12 +12,15 @@ when used: ``pip install "kvlib[pretrained]"``. Nothing here unpickles a file.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import GPTConfig
+from .config import PRESETS, GPTConfig
 from .model import GPTModel
 
 HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large",
@@ -113,14 +116,184 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: GPTConfig, source: str = "sta
     return model.eval()
 
 
+# kvlib GPTConfig field -> HF GPT2Config field (config.json); both directions use it.
+_CONFIG_FIELDS = {"vocab_size": "vocab_size", "context_length": "n_positions", "emb_dim": "n_embd",
+                  "n_heads": "n_head", "n_layers": "n_layer"}
+
+
 def hf_config(cfg: GPTConfig):
     """The ``transformers.GPT2Config`` of a kvlib ``GPTConfig`` (transformers imported lazily)."""
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length,
-                      n_embd=cfg.emb_dim, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+    return GPT2Config(**{hf: getattr(cfg, name) for name, hf in _CONFIG_FIELDS.items()},
                       activation_function="gelu_new", layer_norm_epsilon=1e-5,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> GPTConfig:
+    """A kvlib ``GPTConfig`` from a GPT-2 ``config.json`` dict; an error for what kvlib lacks."""
+    if "n_ctx" in d and "n_positions" not in d:  # OpenAI-era configs
+        d = {**d, "n_positions": d["n_ctx"]}
+    missing = [hf for hf in _CONFIG_FIELDS.values() if hf not in d]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing} of a GPT-2 config")
+    unsupported = {
+        "model_type": d.get("model_type", "gpt2") != "gpt2",
+        "activation_function": d.get("activation_function", "gelu_new")
+        not in ("gelu_new", "gelu_pytorch_tanh"),
+        "layer_norm_epsilon": abs(d.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12,
+        "n_inner": d.get("n_inner") not in (None, 4 * d["n_embd"]),
+        "scale_attn_by_inverse_layer_idx": bool(d.get("scale_attn_by_inverse_layer_idx")),
+        "scale_attn_weights": not d.get("scale_attn_weights", True),
+        "tie_word_embeddings": not d.get("tie_word_embeddings", True),
+        "add_cross_attention": bool(d.get("add_cross_attention")),
+    }
+    bad = {k: d.get(k) for k, is_bad in unsupported.items() if is_bad}
+    if bad:
+        raise ValueError(f"{source}: kvlib implements plain GPT-2 only; unsupported: {bad}")
+    return GPTConfig(**{name: int(d[hf]) for name, hf in _CONFIG_FIELDS.items()})
+
+
+def config_from_shapes(sd: dict[str, Tensor], source: str = "state dict") -> GPTConfig:
+    """Guess the config of a GPT-2 state dict without config.json: sizes come from the tensors,
+    the head count (no shape shows it) from the matching preset, else GPT-2's head size 64."""
+    short = {k.removeprefix("transformer."): t for k, t in sd.items()}
+    for name in ("wte.weight", "wpe.weight"):
+        if name not in short:
+            raise ValueError(f"{source}: missing tensor {name!r}: is this a GPT-2 checkpoint?")
+    (vocab_size, emb_dim), context_length = short["wte.weight"].shape, short["wpe.weight"].shape[0]
+    layers = {int(m.group(1)) for k in short if (m := re.match(r"h\.(\d+)\.", k))}
+    n_layers = max(layers) + 1 if layers else 0
+    preset = next((p for p in PRESETS.values() if (p.emb_dim, p.n_layers) == (emb_dim, n_layers)),
+                  None)
+    if preset is not None:
+        n_heads = preset.n_heads
+    elif emb_dim % 64 == 0:
+        n_heads = emb_dim // 64
+    else:
+        raise ValueError(f"{source}: cannot tell the number of attention heads from the tensor "
+                         f"shapes (emb_dim={emb_dim}); put GPT-2's config.json beside the file")
+    return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
+                     n_heads=n_heads, n_layers=n_layers)
+
+
+def from_pretrained(name_or_path: str | os.PathLike) -> GPTModel:
+    """OpenAI's GPT-2 in kvlib (eval mode, float32 as stored): a hub name or a local checkpoint.
+
+    - ``"gpt2"``, ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"`` (or
+      ``"openai-community/gpt2"`` etc.): ``model.safetensors`` from the Hugging Face hub through
+      ``huggingface_hub``'s cache (once, 0.5 to 6.4 GB); ``HF_HUB_OFFLINE=1``: cache only.
+    - a directory holding ``model.safetensors`` (or shards listed in
+      ``model.safetensors.index.json``) and optionally ``config.json`` (else the config is read off
+      the tensor shapes), e.g. what ``GPT2LMHeadModel.save_pretrained`` writes;
+    - a ``.safetensors`` file (config from ``config.json`` beside it, else from the shapes).
+
+    An existing local path wins over a hub name. Only safetensors are read: pickled ``.bin``/``.pt``
+    files can run code when loaded and are refused.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    repo = HUB_NAMES.get(name) or (name if name in HUB_NAMES.values() else None)
+    if repo is not None and not path.exists():
+        file = _download(repo, WEIGHTS_FILE)
+        sd = _read_safetensors([file])
+        return from_hf_state_dict(sd, PRESETS[repo.split("/")[1]], source=f"{repo} ({file})")
+    files, config_file = _local_files(path, name)
+    sd = _read_safetensors(files)
+    source = str(files[0] if len(files) == 1 else path)
+    if config_file is not None:
+        cfg = config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    else:
+        cfg = config_from_shapes(sd, source=source)
+    return from_hf_state_dict(sd, cfg, source=source)
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HOW = ("pass a hub name ({names}), a directory holding model.safetensors (+ config.json), or a "
+        ".safetensors file")
+
+
+def _local_files(path: Path, name: str) -> tuple[list[Path], Path | None]:
+    """The safetensors file(s) and the optional config.json of a local checkpoint."""
+    how = _HOW.format(names=", ".join(HUB_NAMES))
+    if path.suffix in _PICKLE_SUFFIXES or (path.is_dir() and not any(path.glob("*.safetensors*"))
+                                           and any(path.glob("*.bin"))):
+        raise ValueError(f"{name!r}: kvlib loads only safetensors, never pickled checkpoints "
+                         "(.bin/.pt run code when loaded); convert it where you trust it, e.g. "
+                         "GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, "
+                         "safe_serialization=True)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{name!r} is not a .safetensors file; {how}")
+        config = path.with_name("config.json")
+        return [path], config if config.is_file() else None
+    if path.is_dir():
+        config = path / "config.json"
+        config = config if config.is_file() else None
+        if (path / WEIGHTS_FILE).is_file():
+            return [path / WEIGHTS_FILE], config
+        index = path / f"{WEIGHTS_FILE}.index.json"
+        if index.is_file():  # a sharded checkpoint: weight_map names the file of every tensor
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shard(s) {missing}, not found in {path}")
+            return [path / s for s in shards], config
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in directory {str(path)!r} (it holds "
+                                f"{found or 'nothing'}); {how}")
+    raise FileNotFoundError(f"{name!r} is neither a known GPT-2 name nor an existing file or "
+                            f"directory; {how}")
+
+
+def _read_safetensors(files: list[Path | str]) -> dict[str, Tensor]:
+    """Every tensor of the given safetensors files (no pickle involved), on the CPU."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError('loading GPT-2 weights needs safetensors: pip install "kvlib[pretrained]"'
+                          ) from e
+    sd: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            sd.update(load_file(file, device="cpu"))
+        except Exception as e:  # SafetensorError for a truncated or foreign file
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+    return sd
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, when imported)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    if flag is None:
+        return constants.HF_HUB_OFFLINE
+    return flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _download(repo: str, filename: str) -> str:
+    """The path of ``repo``'s ``filename`` in huggingface_hub's cache (fetched if need be)."""
+    try:
+        from huggingface_hub import constants, hf_hub_download
+    except ImportError as e:
+        raise ImportError('downloading GPT-2 weights needs huggingface_hub: '
+                          'pip install "kvlib[pretrained]"') from e
+    offline = _hub_offline()
+    try:
+        return hf_hub_download(repo, filename, local_files_only=offline)
+    except Exception as e:  # offline, unreachable, not cached, gated, ...: all end the same way
+        why = ("HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else
+               "the hub could not be reached and it is not in the hub cache")
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise OSError(
+            f"could not get {filename} of {repo}: {why} {constants.HF_HUB_CACHE} "
+            f"({type(e).__name__}: {first_line})\n"
+            f"To load it without the hub, download https://huggingface.co/{repo}/resolve/main/"
+            f"{filename} (and config.json) on a machine with internet, then pass the file or its "
+            f"directory: GPTModel.from_pretrained('/path/to/{filename}'). Or copy a hub cache "
+            "that holds it to this machine and point HF_HUB_CACHE at it."
+        ) from e
 
 
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
