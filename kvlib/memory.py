@@ -1,0 +1,137 @@
+"""How many bytes a KV cache takes, for kvlib's GPT-2 sizes and a few well-known open models.
+
+Every layer keeps one key and one value vector per token and per key/value head, so
+
+    cache bytes = 2 x layers x kv_heads x head_dim x tokens x batch x bytes per value
+
+Grouped-query attention (Llama 3, Qwen3) shares each key/value head among several query heads,
+which divides the cache by ``n_heads / n_kv_heads`` against plain multi-head attention (GPT-2).
+The parameter counts are computed from each model's published configuration (``config.json`` on
+the Hugging Face Hub), so they can be checked line by line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import GPTConfig
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The numbers that set a model's KV-cache size and its weights' size."""
+
+    name: str
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads (= n_heads without grouped-query attention)
+    head_dim: int
+    n_params: int  # every parameter, counted once (tied embeddings once)
+    context_length: int  # longest context the model was released for
+
+    def cache_bytes_per_token(self, dtype: str = "bfloat16") -> int:
+        """Bytes one token adds to the cache of all layers (keys and values, batch 1)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes(dtype)
+
+    def cache_bytes(self, tokens: int, batch: int = 1, dtype: str = "bfloat16") -> int:
+        """Bytes of the whole KV cache for ``batch`` sequences of ``tokens`` tokens."""
+        return self.cache_bytes_per_token(dtype) * tokens * batch
+
+    def mha_cache_bytes(self, tokens: int, batch: int = 1, dtype: str = "bfloat16") -> int:
+        """The same cache if every query head had its own key/value head (no GQA)."""
+        per_token = 2 * self.n_layers * self.n_heads * self.head_dim * dtype_bytes(dtype)
+        return per_token * tokens * batch
+
+    def weight_bytes(self, dtype: str = "bfloat16") -> int:
+        return self.n_params * dtype_bytes(dtype)
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def gpt2_params(cfg: GPTConfig) -> int:
+    """Parameters of kvlib's GPT-2 for a config (the output head shares the token embedding)."""
+    d, L = cfg.emb_dim, cfg.n_layers
+    block = (
+        2 * 2 * d  # two LayerNorms (weight and bias)
+        + d * 3 * d + (3 * d if cfg.qkv_bias else 0)  # fused q, k, v
+        + d * d + d  # attention output projection
+        + d * 4 * d + 4 * d + 4 * d * d + d  # MLP
+    )
+    return cfg.vocab_size * d + cfg.context_length * d + L * block + 2 * d
+
+
+def llama_params(vocab: int, hidden: int, ffn: int, layers: int, n_heads: int, n_kv_heads: int,
+                 head_dim: int, tied: bool, qk_norm: bool = False) -> int:
+    """Parameters of a Llama-style decoder (RMSNorm, no biases, SwiGLU MLP; Qwen3 adds a
+    per-head RMSNorm on queries and keys)."""
+    attn = hidden * n_heads * head_dim + 2 * hidden * n_kv_heads * head_dim \
+        + n_heads * head_dim * hidden
+    block = attn + 3 * hidden * ffn + 2 * hidden + (2 * head_dim if qk_norm else 0)
+    return vocab * hidden * (1 if tied else 2) + layers * block + hidden
+
+
+def _gpt2(name: str) -> ModelSpec:
+    cfg = GPTConfig.from_preset(name)
+    return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, gpt2_params(cfg),
+                     cfg.context_length)
+
+
+# Llama 3: meta-llama/Meta-Llama-3-8B and -70B config.json (8k context; Llama 3.1 has 128k).
+# Qwen3: Qwen/Qwen3-0.6B (embeddings tied) and Qwen/Qwen3-8B config.json.
+MODELS: dict[str, ModelSpec] = {
+    **{n: _gpt2(n) for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+    "llama-3-8b": ModelSpec("llama-3-8b", 32, 32, 8, 128, llama_params(
+        128256, 4096, 14336, 32, 32, 8, 128, tied=False), 8192),
+    "llama-3-70b": ModelSpec("llama-3-70b", 80, 64, 8, 128, llama_params(
+        128256, 8192, 28672, 80, 64, 8, 128, tied=False), 8192),
+    "qwen3-0.6b": ModelSpec("qwen3-0.6b", 28, 16, 8, 128, llama_params(
+        151936, 1024, 3072, 28, 16, 8, 128, tied=True, qk_norm=True), 40960),
+    "qwen3-8b": ModelSpec("qwen3-8b", 36, 32, 8, 128, llama_params(
+        151936, 4096, 12288, 36, 32, 8, 128, tied=False, qk_norm=True), 40960),
+}
+
+
+def get_spec(model: str | ModelSpec | GPTConfig) -> ModelSpec:
+    """A ModelSpec from a name in ``MODELS``, a ModelSpec, or a kvlib ``GPTConfig``."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, GPTConfig):
+        return ModelSpec("custom", model.n_layers, model.n_heads, model.n_heads, model.head_dim,
+                         gpt2_params(model), model.context_length)
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {list(MODELS)} "
+                         "or pass a ModelSpec(...) for your own")
+    return MODELS[model]
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def memory_table(models: list[str] | None = None,
+                 contexts: tuple[int, ...] = (8192, 32768, 131072), batch: int = 1,
+                 dtype: str = "bfloat16") -> list[dict]:
+    """One row per model: weights, cache bytes per token and at each context length, and what the
+    cache would be without grouped-query attention (at the last context length)."""
+    rows = []
+    for name in models or list(MODELS):
+        s = get_spec(name)
+        row = {"model": s.name, "layers": s.n_layers, "heads": s.n_heads,
+               "kv_heads": s.n_kv_heads, "head_dim": s.head_dim, "params": s.n_params,
+               "weights": s.weight_bytes(dtype), "per_token": s.cache_bytes_per_token(dtype)}
+        for t in contexts:
+            row[f"cache@{t}"] = s.cache_bytes(t, batch, dtype)
+        row[f"mha@{contexts[-1]}"] = s.mha_cache_bytes(contexts[-1], batch, dtype)
+        rows.append(row)
+    return rows
