@@ -2,8 +2,9 @@
 
 Each picture has two halves: a function that measures (runs the real model and reads the real
 caches) and returns plain data, and a function that draws that data. ``kvlib.widgets`` puts
-controls on top of the same functions. Figures are made with ``matplotlib.figure.Figure``, not
-pyplot, so nothing is kept in global state and a notebook shows each figure exactly once.
+controls on top of the same functions. Figures are ``PlotFigure``s (a ``matplotlib.figure.Figure``
+that shows itself as a PNG), not pyplot figures, so nothing is kept in global state and a notebook
+shows each figure exactly once: as the value of the cell's last line.
 
     runs = cache_frames_for(model, "The cache keeps", 24, ["concat", ("sliding", 8)])
     plot_cache_state(runs, "sliding (window 8)", step=12)
@@ -37,6 +38,13 @@ COLORS = {
     "filled": "#aec7e8", "overwritten": "#ffbb78", "empty": "#eeeeee", "written": "#d62728",
     "evicted": "#dddddd",
 }
+
+
+class PlotFigure(Figure):
+    """A matplotlib Figure that a notebook shows as a PNG by itself (pyplot not needed)."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self, dpi=100, colors=None)
 
 
 def strategy_label(strategy: str | None, window: int | None = None) -> str:
@@ -214,7 +222,7 @@ def plot_cache_state(runs: dict[str, list[CacheFrame]], label: str | None = None
     if not 0 <= step < len(frames):
         raise ValueError(f"step must lie in [0, {len(frames)}) for {label!r}, got {step}")
     f = frames[step]
-    fig = fig or Figure(figsize=(12, 3.8))
+    fig = fig or PlotFigure(figsize=(12, 3.8))
     ax, axb = fig.subplots(1, 2, width_ratios=[3.2, 1], gridspec_kw=dict(
         left=0.06, right=0.99, bottom=0.24, top=0.9, wspace=0.14))
 
@@ -343,7 +351,7 @@ def plot_latency(runs: dict[str, LatencyRun], fig: Figure | None = None,
                  title: str | None = None) -> Figure:
     """Milliseconds per decode step against the sequence length (left) and decode tokens per
     second (right) for every run. The prefill (step 0) is left out of both."""
-    fig = fig or Figure(figsize=(10, 3.6), layout="constrained")
+    fig = fig or PlotFigure(figsize=(10, 3.6), layout="constrained")
     ax, axb = fig.subplots(1, 2, width_ratios=[2.4, 1])
     names, rates, colors = [], [], []
     for name, run in runs.items():
@@ -380,7 +388,7 @@ def plot_memory(model: str | ModelSpec = "llama-3-8b", context: int = 8192, batc
     s = get_spec(model)
     gib = 2**30
     cache = s.cache_bytes(context, batch, dtype)
-    fig = fig or Figure(figsize=(10, 3.4), layout="constrained")
+    fig = fig or PlotFigure(figsize=(10, 3.4), layout="constrained")
     ax, axr = fig.subplots(1, 2, width_ratios=[1.2, 1])
     names = ["weights", "KV cache"]
     values = [s.weight_bytes(dtype), cache]
@@ -424,7 +432,7 @@ def plot_cache_sizes(models: Sequence[str | ModelSpec] | None = None,
     """Cache size of several models at several context lengths (grouped bars, log scale), with
     each model's weights as a black tick."""
     specs = [get_spec(m) for m in (models or list(MODELS))]
-    fig = fig or Figure(figsize=(10, 3.6), layout="constrained")
+    fig = fig or PlotFigure(figsize=(10, 3.6), layout="constrained")
     ax = fig.subplots()
     gib, width = 2**30, 0.8 / len(contexts)
     for j, t in enumerate(contexts):
