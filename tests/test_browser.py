@@ -127,6 +127,7 @@ def test_page_renders_widgets_offline(browser, server, page_name):
         explorers = page.locator(".kvlib-explorer")
         changed = [slide_explorer(page, explorers.nth(i)) for i in range(explorers.count())]
         page.wait_for_load_state("networkidle")
+        page.evaluate("() => { document.activeElement?.blur(); window.scrollTo(0, 0); }")
         SCREENS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENS / (Path(page_name).stem + ".png")), full_page=True)
     finally:
