@@ -177,34 +177,123 @@ def token_text(token_id: int, width: int = 7) -> str:
 
 
 class _Boxes:
-    """Boxes, labels and lines gathered first, then drawn as a few collections (fast)."""
+    """Boxes, labels and lines gathered first, then drawn as a few collections (fast). Every
+    artist it adds is kept in ``artists`` so a renderer can draw or remove just these."""
 
-    def __init__(self) -> None:
+    def __init__(self, ax) -> None:
+        self.ax = ax
         self.rects: list[tuple[Rectangle, bool]] = []
         self.lines: list[tuple[list[tuple[float, float]], str, float]] = []
+        self.artists: list = []
 
-    def box(self, ax, x: float, y: float, color: str, text: str, edge: str = "#555555",
+    def box(self, x: float, y: float, color: str, text: str, edge: str = "#555555",
             lw: float = 0.6, ls: str = "-", hatch: bool = False,
             text_color: str = "black") -> None:
         rect = Rectangle((x + 0.05, y), 0.9, 1.0, facecolor=color, edgecolor=edge, lw=lw, ls=ls)
         self.rects.append((rect, hatch))
         if text:
-            ax.text(x + 0.5, y + 0.5, text, rotation=90, ha="center", va="center", fontsize=7,
-                    color=text_color)
+            self.artists.append(self.ax.text(x + 0.5, y + 0.5, text, rotation=90, ha="center",
+                                             va="center", fontsize=7, color=text_color))
 
     def line(self, xy: list[tuple[float, float]], color: str, lw: float) -> None:
         self.lines.append((xy, color, lw))
 
-    def draw(self, ax) -> None:
+    def draw(self) -> list:
         for hatched in (False, True):
             rects = [r for r, h in self.rects if h == hatched]
             if rects:
-                ax.add_collection(PatchCollection(
-                    rects, match_original=True, hatch="///" if hatched else None))
+                self.artists.insert(0, self.ax.add_collection(PatchCollection(
+                    rects, match_original=True, hatch="///" if hatched else None)))
         if self.lines:
-            ax.add_collection(LineCollection([xy for xy, _, _ in self.lines],
-                                             colors=[c for _, c, _ in self.lines],
-                                             linewidths=[w for _, _, w in self.lines]))
+            self.artists.insert(0, self.ax.add_collection(LineCollection(
+                [xy for xy, _, _ in self.lines], colors=[c for _, c, _ in self.lines],
+                linewidths=[w for _, _, w in self.lines])))
+        return self.artists
+
+
+def _cache_axes(runs: dict[str, list[CacheFrame]], label: str, fig: Figure) -> tuple:
+    """The parts of the cache picture that stay the same at every step."""
+    frames = runs[label]
+    ax, axb = fig.subplots(1, 2, width_ratios=[3.2, 1], gridspec_kw=dict(
+        left=0.06, right=0.99, bottom=0.24, top=0.9, wspace=0.14))
+    n_pos = len(frames[-1].tokens)  # every position the run will reach
+    n_slots = max(len(fr.positions) for fr in frames)
+    ax.set_xlim(-0.1, max(n_pos, n_slots) + 0.1)
+    ax.set_ylim(-0.15, 3.35)
+    ax.set_yticks([0.5, 2.7], ["cache\nslots", "sequence"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("slot / position", labelpad=1)
+    ax.tick_params(axis="y", length=0)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    keys = [("filled", "holds a token"), ("overwritten", "slot overwritten"),
+            ("empty", "empty slot"), ("evicted", "forgotten position")]
+    handles = [Patch(facecolor=COLORS[k], edgecolor="#555555", lw=0.6, label=t) for k, t in keys]
+    handles += [Patch(facecolor="white", edgecolor=COLORS["written"], lw=2, label="written now"),
+                Patch(facecolor="white", edgecolor="#555555", ls="--", label="next input")]
+    ax.legend(handles=handles, ncol=6, fontsize=7, loc="upper center", frameon=False,
+              bbox_to_anchor=(0.5, -0.15))
+    for name, frs in runs.items():  # bytes of all layers, every strategy
+        axb.plot([fr.step for fr in frs], [fr.nbytes / 2**20 for fr in frs], label=name,
+                 color=COLORS.get(frs[0].strategy), lw=2.2 if name == label else 1.2)
+    axb.set_xlabel("step", labelpad=1)
+    axb.set_ylabel("MiB held (all layers)")
+    axb.set_ylim(bottom=0)
+    axb.legend(fontsize=7, loc="lower right")
+    axb.grid(alpha=0.3)
+    return ax, axb
+
+
+def _cache_step(runs: dict[str, list[CacheFrame]], label: str, step: int, ax, axb) -> list:
+    """Draw what step ``step`` changes; return the artists added."""
+    frames = runs[label]
+    f = frames[step]
+    n_pos = len(frames[-1].tokens)
+    n_slots = max(len(fr.positions) for fr in frames)
+    held = {p for p in f.positions if p >= 0}
+    written = set(f.written)
+    seq = f.tokens
+    b = _Boxes(ax)
+    for p in range(n_pos):  # the sequence
+        if p >= len(seq):  # not generated yet
+            b.box(p, 2.2, "white", "", edge="#cccccc", lw=0.4, ls=":")
+        elif p >= f.cache_tokens:  # generated in this step: the cache takes it at the next one
+            b.box(p, 2.2, "white", token_text(seq[p]), ls="--", lw=1.0)
+        elif p in held:
+            b.box(p, 2.2, COLORS["filled"], token_text(seq[p]))
+        else:  # given to the cache, no longer held: overwritten
+            b.box(p, 2.2, COLORS["evicted"], token_text(seq[p]), hatch=True, text_color="#777777")
+    for s in range(n_slots):  # the cache's slots
+        if s >= len(f.positions):
+            b.box(s, 0, "white", "", edge="#bbbbbb", lw=0.5, ls="--")
+            continue
+        p = f.positions[s]
+        if p < 0:
+            b.box(s, 0, COLORS["empty"], "")
+            continue
+        color = COLORS["overwritten"] if f.writes[s] > 1 else COLORS["filled"]
+        new = s in written
+        b.box(s, 0, color, f"{p}: {token_text(seq[p], 5)}",
+              edge=COLORS["written"] if new else "#555555", lw=2.2 if new else 0.6)
+        b.line([(s + 0.5, 1.0), (p + 0.5, 2.2)], COLORS["written"] if new else "#aaaaaa",
+               1.2 if new else 0.5)
+    artists = b.draw()
+    what = "prefill" if f.step == 0 else "decode"
+    wrote = (f"wrote {len(f.written)} slots" if len(f.written) > 3 else
+             "wrote slot " + ", ".join(str(s) for s in f.written))
+    lost = f", overwrote position {', '.join(map(str, f.evicted))}" if f.evicted else ""
+    cap = "grows" if f.capacity is None else f"{f.capacity} slots"
+    artists.append(ax.text(0, 1.03, f"{label}, cache of layer {f.layer} ({cap}), step {f.step} "
+                           f"({what}): {wrote}{lost}; holds {f.filled} tokens", fontsize=9,
+                           transform=ax.transAxes, va="bottom"))
+    for frs in runs.values():
+        if step < len(frs):
+            artists += axb.plot([frs[step].step], [frs[step].nbytes / 2**20], "o",
+                                color=COLORS.get(frs[0].strategy), ms=4)
+    artists.append(axb.axvline(f.step, color="#999999", lw=0.8, ls=":"))
+    artists.append(axb.text(0.5, 1.03, f"{label} holds {format_bytes(f.nbytes)}", fontsize=9,
+                            ha="center", va="bottom", transform=axb.transAxes))
+    return artists
 
 
 def plot_cache_state(runs: dict[str, list[CacheFrame]], label: str | None = None, step: int = 0,
@@ -218,82 +307,35 @@ def plot_cache_state(runs: dict[str, list[CacheFrame]], label: str | None = None
     dashed: not allocated yet; red edge: written in this step). Lines join a slot to its position.
     """
     label = label or next(iter(runs))
-    frames = runs[label]
-    if not 0 <= step < len(frames):
-        raise ValueError(f"step must lie in [0, {len(frames)}) for {label!r}, got {step}")
-    f = frames[step]
+    if not 0 <= step < len(runs[label]):
+        raise ValueError(f"step must lie in [0, {len(runs[label])}) for {label!r}, got {step}")
     fig = fig or PlotFigure(figsize=(12, 3.8))
-    ax, axb = fig.subplots(1, 2, width_ratios=[3.2, 1], gridspec_kw=dict(
-        left=0.06, right=0.99, bottom=0.24, top=0.9, wspace=0.14))
-
-    n_pos = len(frames[-1].tokens)  # every position the run will reach
-    n_slots = max(len(fr.positions) for fr in frames)
-    held = {p for p in f.positions if p >= 0}
-    written = set(f.written)
-    seq = f.tokens
-    b = _Boxes()
-    for p in range(n_pos):  # the sequence
-        if p >= len(seq):  # not generated yet
-            b.box(ax, p, 2.2, "white", "", edge="#cccccc", lw=0.4, ls=":")
-        elif p >= f.cache_tokens:  # generated in this step: the cache takes it at the next one
-            b.box(ax, p, 2.2, "white", token_text(seq[p]), ls="--", lw=1.0)
-        elif p in held:
-            b.box(ax, p, 2.2, COLORS["filled"], token_text(seq[p]))
-        else:  # given to the cache, no longer held: overwritten
-            b.box(ax, p, 2.2, COLORS["evicted"], token_text(seq[p]), hatch=True,
-                  text_color="#777777")
-    for s in range(n_slots):  # the cache's slots
-        if s >= len(f.positions):
-            b.box(ax, s, 0, "white", "", edge="#bbbbbb", lw=0.5, ls="--")
-            continue
-        p = f.positions[s]
-        if p < 0:
-            b.box(ax, s, 0, COLORS["empty"], "")
-            continue
-        color = COLORS["overwritten"] if f.writes[s] > 1 else COLORS["filled"]
-        new = s in written
-        b.box(ax, s, 0, color, f"{p}: {token_text(seq[p], 5)}",
-              edge=COLORS["written"] if new else "#555555", lw=2.2 if new else 0.6)
-        b.line([(s + 0.5, 1.0), (p + 0.5, 2.2)], COLORS["written"] if new else "#aaaaaa",
-               1.2 if new else 0.5)
-    b.draw(ax)
-    ax.set_xlim(-0.1, max(n_pos, n_slots) + 0.1)
-    ax.set_ylim(-0.15, 3.35)
-    ax.set_yticks([0.5, 2.7], ["cache\nslots", "sequence"])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("slot / position", labelpad=1)
-    ax.tick_params(axis="y", length=0)
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
-    what = "prefill" if f.step == 0 else "decode"
-    wrote = (f"wrote {len(f.written)} slots" if len(f.written) > 3 else
-             "wrote slot " + ", ".join(str(s) for s in f.written))
-    lost = f", overwrote position {', '.join(map(str, f.evicted))}" if f.evicted else ""
-    cap = "grows" if f.capacity is None else f"{f.capacity} slots"
-    ax.set_title(f"{label}, cache of layer {f.layer} ({cap}), step {f.step} ({what}): {wrote}"
-                 f"{lost}; holds {f.filled} tokens", fontsize=9, loc="left")
-    keys = [("filled", "holds a token"), ("overwritten", "slot overwritten"),
-            ("empty", "empty slot"), ("evicted", "forgotten position")]
-    handles = [Patch(facecolor=COLORS[k], edgecolor="#555555", lw=0.6, label=t) for k, t in keys]
-    handles += [Patch(facecolor="white", edgecolor=COLORS["written"], lw=2, label="written now"),
-                Patch(facecolor="white", edgecolor="#555555", ls="--", label="next input")]
-    ax.legend(handles=handles, ncol=6, fontsize=7, loc="upper center", frameon=False,
-              bbox_to_anchor=(0.5, -0.15))
-
-    for name, frs in runs.items():  # bytes of all layers, every strategy
-        color = COLORS.get(frs[0].strategy, None)
-        axb.plot([fr.step for fr in frs], [fr.nbytes / 2**20 for fr in frs], label=name,
-                 color=color, lw=2.2 if name == label else 1.2)
-        if step < len(frs):
-            axb.plot([frs[step].step], [frs[step].nbytes / 2**20], "o", color=color, ms=4)
-    axb.axvline(f.step, color="#999999", lw=0.8, ls=":")
-    axb.set_xlabel("step", labelpad=1)
-    axb.set_ylabel("MiB held (all layers)")
-    axb.set_ylim(bottom=0)
-    axb.set_title(f"{label} holds {format_bytes(f.nbytes)}", fontsize=9)
-    axb.legend(fontsize=7, loc="lower right")
-    axb.grid(alpha=0.3)
+    _cache_step(runs, label, step, *_cache_axes(runs, label, fig))
     return fig
+
+
+def cache_state_pngs(runs: dict[str, list[CacheFrame]], label: str, dpi: int = 72,
+                     colors: int | None = 64) -> list[bytes]:
+    """``plot_cache_state`` of every step as PNG bytes, a few times faster than one figure per
+    step: the parts that never change are drawn once and each step draws only its own artists
+    over them (blitting)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = PlotFigure(figsize=(12, 3.8), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax, axb = _cache_axes(runs, label, fig)
+    canvas.draw()
+    background = canvas.copy_from_bbox(fig.bbox)
+    pngs = []
+    for step in range(len(runs[label])):
+        canvas.restore_region(background)
+        artists = _cache_step(runs, label, step, ax, axb)
+        for a in artists:
+            fig.draw_artist(a)
+        pngs.append(_encode_png(canvas, colors))
+        for a in artists:
+            a.remove()
+    return pngs
 
 
 # --- latency -------------------------------------------------------------------------------
@@ -453,6 +495,17 @@ def plot_cache_sizes(models: Sequence[str | ModelSpec] | None = None,
 # --- pictures as PNG bytes (for widgets) --------------------------------------------------------
 
 
+def _encode_png(canvas, colors: int | None) -> bytes:
+    from PIL import Image
+
+    img = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
+    if colors is not None:  # a palette of ``colors`` colors: several times smaller files
+        img = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    img.save(out, format="png", compress_level=9)
+    return out.getvalue()
+
+
 def figure_png(fig: Figure, dpi: int = 72, colors: int | None = 64) -> bytes:
     """A figure as PNG bytes; ``colors`` quantizes to a palette (several times smaller files)."""
     if colors is None:
@@ -460,13 +513,8 @@ def figure_png(fig: Figure, dpi: int = 72, colors: int | None = 64) -> bytes:
         fig.savefig(buf, format="png", dpi=dpi)
         return buf.getvalue()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
 
     fig.set_dpi(dpi)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    img = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
-    img = img.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
-    out = io.BytesIO()
-    img.save(out, format="png", compress_level=9)
-    return out.getvalue()
+    return _encode_png(canvas, colors)

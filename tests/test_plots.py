@@ -115,7 +115,9 @@ def test_picture_shows_the_frames(tiny, spec):
         positions, red = drawn_slots(fig)
         assert positions == [p for p in f.positions if p >= 0]  # slot order, as in the buffer
         assert red == len(f.written)
-        assert f"step {f.step}" in fig.axes[0].get_title(loc="left")
+        ax = fig.axes[0]
+        titles = [t.get_text() for t in ax.texts if t.get_transform() == ax.transAxes]
+        assert len(titles) == 1 and f"step {f.step} " in titles[0]
     with pytest.raises(ValueError, match="step must lie"):
         plot_cache_state(runs, label, 99)
 
