@@ -393,8 +393,9 @@ def plot_latency(runs: dict[str, LatencyRun], fig: Figure | None = None,
                  title: str | None = None) -> Figure:
     """Milliseconds per decode step against the sequence length (left) and decode tokens per
     second (right) for every run. The prefill (step 0) is left out of both."""
-    fig = fig or PlotFigure(figsize=(10, 3.6), layout="constrained")
-    ax, axb = fig.subplots(1, 2, width_ratios=[2.4, 1])
+    fig = fig or PlotFigure(figsize=(10, 3.6))
+    ax, axb = fig.subplots(1, 2, width_ratios=[2.4, 1], gridspec_kw=dict(
+        left=0.07, right=0.95, bottom=0.14, top=0.9, wspace=0.5))
     names, rates, colors = [], [], []
     for name, run in runs.items():
         color = COLORS.get(run.strategy or "none")
@@ -430,8 +431,9 @@ def plot_memory(model: str | ModelSpec = "llama-3-8b", context: int = 8192, batc
     s = get_spec(model)
     gib = 2**30
     cache = s.cache_bytes(context, batch, dtype)
-    fig = fig or PlotFigure(figsize=(10, 3.4), layout="constrained")
-    ax, axr = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    fig = fig or PlotFigure(figsize=(10, 3.4))
+    ax, axr = fig.subplots(1, 2, width_ratios=[1.2, 1], gridspec_kw=dict(
+        left=0.11, right=0.98, bottom=0.15, top=0.88, wspace=0.22))
     names = ["weights", "KV cache"]
     values = [s.weight_bytes(dtype), cache]
     colors = ["#7f7f7f", COLORS["concat"]]
@@ -474,8 +476,8 @@ def plot_cache_sizes(models: Sequence[str | ModelSpec] | None = None,
     """Cache size of several models at several context lengths (grouped bars, log scale), with
     each model's weights as a black tick."""
     specs = [get_spec(m) for m in (models or list(MODELS))]
-    fig = fig or PlotFigure(figsize=(10, 3.6), layout="constrained")
-    ax = fig.subplots()
+    fig = fig or PlotFigure(figsize=(10, 3.6))
+    ax = fig.subplots(gridspec_kw=dict(left=0.08, right=0.98, bottom=0.12, top=0.9))
     gib, width = 2**30, 0.8 / len(contexts)
     for j, t in enumerate(contexts):
         xs = [i + (j - (len(contexts) - 1) / 2) * width for i in range(len(specs))]
