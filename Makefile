@@ -23,10 +23,13 @@ $(STAMP): requirements.txt pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint
-	$(PY) -m pytest
+# Unit tests and strict nbval in one run; the book is built first (browser tests read _build/html).
+test: lint book
+	$(PY) -m pytest tests notebooks --nbval --sanitize-with tests/nbval_sanitize.cfg
 
+# Executes every chapter; any warning (-W, -n) or notebook error (nb_execution_raise_on_error) fails.
 book: setup
+	bash scripts/fetch_widget_js.sh
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 clean:
