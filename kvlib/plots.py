@@ -176,6 +176,9 @@ def token_text(token_id: int, width: int = 7) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
+CACHE_FIGSIZE = (9, 4.2)  # inches: 675 px wide at 75 dpi, about a book page's text column
+
+
 class _Boxes:
     """Boxes, labels and lines gathered first, then drawn as a few collections (fast). Every
     artist it adds is kept in ``artists`` so a renderer can draw or remove just these."""
@@ -193,7 +196,7 @@ class _Boxes:
         self.rects.append((rect, hatch))
         if text:
             self.artists.append(self.ax.text(x + 0.5, y + 0.5, text, rotation=90, ha="center",
-                                             va="center", fontsize=7, color=text_color))
+                                             va="center", fontsize=8, color=text_color))
 
     def line(self, xy: list[tuple[float, float]], color: str, lw: float) -> None:
         self.lines.append((xy, color, lw))
@@ -215,7 +218,7 @@ def _cache_axes(runs: dict[str, list[CacheFrame]], label: str, fig: Figure) -> t
     """The parts of the cache picture that stay the same at every step."""
     frames = runs[label]
     ax, axb = fig.subplots(1, 2, width_ratios=[3.2, 1], gridspec_kw=dict(
-        left=0.06, right=0.99, bottom=0.24, top=0.9, wspace=0.14))
+        left=0.075, right=0.99, bottom=0.22, top=0.91, wspace=0.2))
     n_pos = len(frames[-1].tokens)  # every position the run will reach
     n_slots = max(len(fr.positions) for fr in frames)
     ax.set_xlim(-0.1, max(n_pos, n_slots) + 0.1)
@@ -231,13 +234,13 @@ def _cache_axes(runs: dict[str, list[CacheFrame]], label: str, fig: Figure) -> t
     handles = [Patch(facecolor=COLORS[k], edgecolor="#555555", lw=0.6, label=t) for k, t in keys]
     handles += [Patch(facecolor="white", edgecolor=COLORS["written"], lw=2, label="written now"),
                 Patch(facecolor="white", edgecolor="#555555", ls="--", label="next input")]
-    ax.legend(handles=handles, ncol=6, fontsize=7, loc="upper center", frameon=False,
-              bbox_to_anchor=(0.5, -0.15))
+    ax.legend(handles=handles, ncol=3, fontsize=7.5, loc="upper center", frameon=False,
+              bbox_to_anchor=(0.5, -0.11), handlelength=1.5, columnspacing=1.2)
     for name, frs in runs.items():  # bytes of all layers, every strategy
         axb.plot([fr.step for fr in frs], [fr.nbytes / 2**20 for fr in frs], label=name,
                  color=COLORS.get(frs[0].strategy), lw=2.2 if name == label else 1.2)
     axb.set_xlabel("step", labelpad=1)
-    axb.set_ylabel("MiB held (all layers)")
+    axb.set_ylabel("MiB held")
     axb.set_ylim(bottom=0)
     axb.legend(fontsize=7, loc="lower right")
     axb.grid(alpha=0.3)
@@ -262,7 +265,8 @@ def _cache_step(runs: dict[str, list[CacheFrame]], label: str, step: int, ax, ax
         elif p in held:
             b.box(p, 2.2, COLORS["filled"], token_text(seq[p]))
         else:  # given to the cache, no longer held: overwritten
-            b.box(p, 2.2, COLORS["evicted"], token_text(seq[p]), hatch=True, text_color="#777777")
+            b.box(p, 2.2, COLORS["evicted"], token_text(seq[p]), edge="#b0b0b0", hatch=True,
+                  text_color="#555555")
     for s in range(n_slots):  # the cache's slots
         if s >= len(f.positions):
             b.box(s, 0, "white", "", edge="#bbbbbb", lw=0.5, ls="--")
@@ -282,16 +286,15 @@ def _cache_step(runs: dict[str, list[CacheFrame]], label: str, step: int, ax, ax
     wrote = (f"wrote {len(f.written)} slots" if len(f.written) > 3 else
              "wrote slot " + ", ".join(str(s) for s in f.written))
     lost = f", overwrote position {', '.join(map(str, f.evicted))}" if f.evicted else ""
-    cap = "grows" if f.capacity is None else f"{f.capacity} slots"
-    artists.append(ax.text(0, 1.03, f"{label}, cache of layer {f.layer} ({cap}), step {f.step} "
-                           f"({what}): {wrote}{lost}; holds {f.filled} tokens", fontsize=9,
+    artists.append(ax.text(0, 1.02, f"{label}, layer {f.layer}, step {f.step} ({what}):"
+                           f" {wrote}{lost}; holds {f.filled} tokens", fontsize=8.5,
                            transform=ax.transAxes, va="bottom"))
     for frs in runs.values():
         if step < len(frs):
             artists += axb.plot([frs[step].step], [frs[step].nbytes / 2**20], "o",
                                 color=COLORS.get(frs[0].strategy), ms=4)
     artists.append(axb.axvline(f.step, color="#999999", lw=0.8, ls=":"))
-    artists.append(axb.text(0.5, 1.03, f"{label} holds {format_bytes(f.nbytes)}", fontsize=9,
+    artists.append(axb.text(0.5, 1.02, f"all layers: {format_bytes(f.nbytes)}", fontsize=8.5,
                             ha="center", va="bottom", transform=axb.transAxes))
     return artists
 
@@ -309,19 +312,19 @@ def plot_cache_state(runs: dict[str, list[CacheFrame]], label: str | None = None
     label = label or next(iter(runs))
     if not 0 <= step < len(runs[label]):
         raise ValueError(f"step must lie in [0, {len(runs[label])}) for {label!r}, got {step}")
-    fig = fig or PlotFigure(figsize=(12, 3.8))
+    fig = fig or PlotFigure(figsize=CACHE_FIGSIZE)
     _cache_step(runs, label, step, *_cache_axes(runs, label, fig))
     return fig
 
 
-def cache_state_pngs(runs: dict[str, list[CacheFrame]], label: str, dpi: int = 72,
+def cache_state_pngs(runs: dict[str, list[CacheFrame]], label: str, dpi: int = 75,
                      colors: int | None = 64) -> list[bytes]:
     """``plot_cache_state`` of every step as PNG bytes, a few times faster than one figure per
     step: the parts that never change are drawn once and each step draws only its own artists
     over them (blitting)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = PlotFigure(figsize=(12, 3.8), dpi=dpi)
+    fig = PlotFigure(figsize=CACHE_FIGSIZE, dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax, axb = _cache_axes(runs, label, fig)
     canvas.draw()
@@ -502,7 +505,7 @@ def _encode_png(canvas, colors: int | None) -> bytes:
 
     img = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
     if colors is not None:  # a palette of ``colors`` colors: several times smaller files
-        img = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+        img = img.quantize(colors=colors, method=Image.Quantize.FASTOCTREE)
     out = io.BytesIO()
     img.save(out, format="png", compress_level=9)
     return out.getvalue()

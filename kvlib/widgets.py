@@ -60,7 +60,7 @@ class CacheExplorer(widgets.VBox):
                  max_new_tokens: int = 16,
                  strategies: Sequence[StrategySpec] = ("concat", "prealloc", ("sliding", 8)),
                  layer: int = 0, interval_ms: int = 700, client_side: bool | None = None,
-                 dpi: int = 72) -> None:
+                 dpi: int = 75) -> None:
         self.runs: dict[str, list[CacheFrame]] = cache_frames_for(
             model, prompt, max_new_tokens, strategies, layer)
         self.labels = list(self.runs)
