@@ -40,6 +40,8 @@ from .plots import (
 HAS_STACK = hasattr(widgets, "Stack")  # ipywidgets >= 8: switch frames in the browser
 KERNEL_NOTE = ("<small><i>Changing these settings recomputes in Python: it needs a running "
                "kernel (Jupyter, Colab, Binder), not the static book.</i></small>")
+RUN_NOTE = ("<small><i>Run measures on your machine: it needs a running kernel (Jupyter, Colab, "
+            "Binder). The static book shows the run made when the page was built.</i></small>")
 
 
 def _image(png: bytes = b"") -> widgets.Image:
@@ -147,7 +149,7 @@ class LatencyMonitor(widgets.VBox):
         super().__init__([
             widgets.HBox(list(self.checks.values())),
             widgets.HBox([self.tokens, self.run_button, self.stop_button, self.progress]),
-            self.image, self.summary,
+            self.image, self.summary, widgets.HTML(RUN_NOTE),
         ])
         self.add_class("kvlib-latency")
 

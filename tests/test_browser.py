@@ -152,8 +152,8 @@ def shown_frame(explorer) -> bytes:
 
 
 def slide_explorer(page, explorer) -> bool:
-    """Move the explorer's step slider with the keyboard, then pick another strategy; True if
-    both changed the picture."""
+    """Move the explorer's step slider with the keyboard, press Play, then pick another strategy;
+    True if the slider and the menu changed the picture."""
     explorer.scroll_into_view_if_needed()
     before = shown_frame(explorer)
     handle = explorer.locator(".noUi-handle, .ui-slider-handle").first
@@ -167,6 +167,13 @@ def slide_explorer(page, explorer) -> bool:
     page.wait_for_timeout(300)
     after = shown_frame(explorer)
     moved = readout.inner_text() != start and before != after
+    # Play runs in the browser too: the step advances by itself.
+    at = readout.inner_text()
+    explorer.locator("button").first.click()
+    page.wait_for_function("([el, v]) => el.innerText !== v",
+                           arg=[readout.element_handle(), at], timeout=5_000)
+    explorer.locator("button").first.click()  # pause
+    after = shown_frame(explorer)
     select = explorer.locator("select").first
     options = select.locator("option").all_inner_texts()
     if len(options) < 2:
