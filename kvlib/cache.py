@@ -53,11 +53,12 @@ class KVCache(nn.Module):
 
     def _allocate(self, like: Tensor, slots: int) -> None:
         """Fixed buffers of ``slots`` tokens, made on the first write after a reset and kept for
-        the next text unless its batch size, dtype or device differ."""
+        the next text unless its batch size, dtype or device differ (or buffers made under
+        ``torch.inference_mode``, as ``generate`` runs, would be written outside it)."""
         B, H, _, D = like.shape
         held = self.keys
         if held is None or held.shape != (B, H, slots, D) or held.dtype != like.dtype \
-                or held.device != like.device:
+                or held.device != like.device or held.is_inference() != like.is_inference():
             self.keys = like.new_empty(B, H, slots, D)  # (B, H, slots, D)
             self.values = like.new_empty(B, H, slots, D)
 

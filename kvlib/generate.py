@@ -105,7 +105,7 @@ def _validate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | No
     return name
 
 
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, minus autograd's per-tensor bookkeeping (~0.7 ms a step)
 def generate_stream(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None = None,
                     window: int | None = None, temperature: float = 0.0,
                     top_k: int | None = None, seed: int | None = None,
@@ -116,22 +116,24 @@ def generate_stream(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: st
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
-    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    seq = idx
+    B, T = idx.shape
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    seq = idx.new_empty(B, T + max_new_tokens)  # prompt + new tokens, written in place (no cat)
+    seq[:, :T] = idx
     for i in range(max_new_tokens):
         _sync(idx.device)
         t0 = time.perf_counter()
-        logits = prefill(model, seq) if i == 0 else decode_one(model, seq)
+        logits = prefill(model, idx) if i == 0 else decode_one(model, seq[:, : T + i])
         nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
         if eos_id is not None:  # finished sequences keep emitting eos
             nxt = nxt.masked_fill(done[:, None], eos_id)
             done |= nxt[:, 0] == eos_id
         _sync(idx.device)
         seconds = time.perf_counter() - t0
-        seq = torch.cat([seq, nxt], dim=1)
+        seq[:, T + i] = nxt[:, 0]
         c = model.caches[0]
         held = c.get_seq_length() if c.capacity is None else min(c.get_seq_length(), c.capacity)
-        yield Step(i, nxt[:, 0], seconds, seq.shape[1], held, model.kv_cache_nbytes)
+        yield Step(i, nxt[:, 0], seconds, T + i + 1, held, model.kv_cache_nbytes)
         if eos_id is not None and bool(done.all()):
             break
 
