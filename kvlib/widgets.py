@@ -94,6 +94,10 @@ class CacheExplorer(widgets.VBox):
         super().__init__([widgets.HBox([self.strategy, self.play, self.slider]), self.view])
         self.add_class("kvlib-explorer")
 
+    def __repr__(self) -> str:  # the text a notebook shows where widgets cannot render
+        steps = len(self.runs[self.labels[0]])
+        return f"CacheExplorer({', '.join(self.labels)}; {steps} steps)"
+
     @property
     def image(self) -> widgets.Image:
         """The Image widget that shows the current frame."""
@@ -152,6 +156,10 @@ class LatencyMonitor(widgets.VBox):
             self.image, self.summary, widgets.HTML(RUN_NOTE),
         ])
         self.add_class("kvlib-latency")
+
+    def __repr__(self) -> str:
+        chosen = [label for label, box in self.checks.items() if box.value]
+        return f"LatencyMonitor({', '.join(chosen)}; {self.tokens.value} tokens)"
 
     def run(self) -> dict[str, LatencyRun]:
         """Measure now, in this thread, updating the widgets; return the runs."""
@@ -259,6 +267,10 @@ class MemoryCalculator(widgets.VBox):
             self.image, self.numbers, widgets.HTML(KERNEL_NOTE),
         ])
         self.add_class("kvlib-memory")
+
+    def __repr__(self) -> str:
+        return (f"MemoryCalculator({self.spec().name}, {self.context.value:,} tokens x batch "
+                f"{self.batch.value}, {self.dtype.value}: {format_bytes(self.cache_bytes)})")
 
     def spec(self) -> ModelSpec:
         """The model the controls describe now."""

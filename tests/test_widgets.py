@@ -27,6 +27,7 @@ def test_explorer_renders_one_frame_per_step(tiny, explorer):
         assert len(set(pngs)) == 4  # every step looks different
         assert [f.positions for f in explorer.runs[label]] == [f.positions for f in runs[label]]
     assert (explorer.slider.min, explorer.slider.max) == (0, 3)
+    assert repr(explorer) == "CacheExplorer(concat, sliding (window 2); 4 steps)"
 
 
 @pytest.mark.skipif(not HAS_STACK, reason="client-side frames need ipywidgets >= 8")
@@ -61,6 +62,7 @@ def test_latency_monitor_run_updates_plot_progress_summary(tiny):
     mon = LatencyMonitor(tiny, PROMPT, max_new_tokens=10, update_every=4,
                          strategies=(None, "concat", "prealloc"), selected=(None, "concat"))
     assert bytes(mon.image.value) == b"" and "Run" in mon.summary.value
+    assert repr(mon) == "LatencyMonitor(no cache, concat; 10 tokens)"
     drawn = []
     mon.image.observe(lambda ch: drawn.append(ch["new"]), names="value")
     runs = mon.run()
@@ -90,6 +92,7 @@ def test_latency_monitor_buttons_run_in_a_thread_and_stop(tiny):
 def test_memory_calculator_recomputes(tiny):
     calc = MemoryCalculator("llama-3-8b", context=8192)
     assert calc.cache_bytes == 2**30 and "1.0 GiB" in calc.numbers.value
+    assert repr(calc) == "MemoryCalculator(llama-3-8b, 8,192 tokens x batch 1, bfloat16: 1.0 GiB)"
     first = calc.image.value
     calc.context.value = 32768
     assert calc.cache_bytes == 4 * 2**30 and calc.image.value != first
