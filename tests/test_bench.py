@@ -1,0 +1,218 @@
+"""kvlib.bench: everything that can be checked without trusting a timer.
+
+One small run of the CLI (tiny model, a few tokens, with transformers) feeds the schema, token and
+report tests; the floor and the HF twin are checked directly.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_model
+
+import kvlib
+from kvlib import bench
+from kvlib.pretrained import name_table
+
+transformers = pytest.importorskip("transformers")
+
+N, WINDOW, LENGTHS = 12, 8, (16, 32)
+STRATEGIES = ["none", "concat", "prealloc", "sliding"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model is fastest on one thread; two on a busy 2-core machine can be 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    bench.main(["run", "--models", "tiny", "--strategies", ",".join(STRATEGIES), "--new-tokens",
+                str(N), "--repeats", "2", "--window", str(WINDOW), "--compare", "hf",
+                "--no-cache-lengths", ",".join(map(str, LENGTHS)), "--overhead",
+                "--overhead-tokens", "6", "--floor-samples", "4", "--threads", "0",
+                "--no-progress", "--out", str(out / "results.json"), "--plots", str(out)])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_json_schema(run):
+    _, data = run
+    assert data["schema"] == bench.SCHEMA
+    assert data["command"].startswith("python -m kvlib.bench run --models tiny")
+    for key, kind in {"torch": str, "python": str, "cpu_model": str, "cpu_count": int,
+                      "threads": int, "device": str, "transformers": str}.items():
+        assert isinstance(data["environment"][key], kind), key
+    assert data["environment"]["threads"] == 1
+    assert isinstance(data["duration_s"], float) and data["duration_s"] > 0
+    assert sorted(r["strategy"] for r in data["results"]) == sorted(STRATEGIES + list(
+        bench.HF_KINDS))
+    for r in data["results"]:
+        assert (r["model"], r["new_tokens"], r["batch"], r["dtype"], r["device"], r["repeats"]) \
+            == ("tiny", N, 1, "float32", "cpu", 2)
+        assert r["backend"] == ("hf" if r["strategy"].startswith("hf-") else "kvlib")
+        for key in ("prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s", "wall_s"):
+            assert set(r[key]) == {"median", "q1", "q3", "min", "max", "n"}, key
+            assert r[key]["min"] <= r[key]["median"] <= r[key]["max"], key
+        assert {"p50", "p90", "p99"} <= set(r["step_ms"])
+        assert r["step_ms"]["p50"] <= r["step_ms"]["p90"] <= r["step_ms"]["p99"]
+        assert len(r["step_curve_ms"]) == N - 1 and all(x > 0 for x in r["step_curve_ms"])
+        assert r["floor_ratio"] > 0 and isinstance(r["cache_nbytes"], int)
+        assert [a["seq_len"] for a in r["allocations"]] == [6 + s for s in bench.alloc_steps(N)]
+        assert len(r["allocations"]) == 2
+        assert all(a["count"] > 0 and a["bytes"] > 0 for a in r["allocations"])
+    for f in data["floor"]:
+        assert f["weight_nbytes"] == bench.floor_nbytes(make_model("tiny")) and f["ms"]["n"] >= 4
+    assert {f["kv_len"] for f in data["floor"]} == {0, 6 + N}
+    assert [x["length"] for x in data["no_cache"]] == list(LENGTHS)
+    assert all(x["no_cache_ms"]["n"] == 3 for x in data["no_cache"])
+    assert data["no_cache"][0]["cached_ms"] > 0  # length 16 lies inside the 18-token run
+    assert data["no_cache"][1]["cached_ms"] is None  # 32 does not: no made-up number
+    ov = data["overhead"]
+    assert set(ov["twin_step_ms"]) == {"concat", "prealloc", "sliding", *bench.HF_KINDS}
+    assert ov["profile"]["top"] and ov["profile"]["wall_ms"] > 0
+    json.dumps(data, allow_nan=True)  # plain JSON types only
+
+
+def test_cache_bytes_held(run):
+    _, data = run
+    cfg = kvlib.GPTConfig.from_preset("tiny")
+    per_token = cfg.n_layers * 2 * cfg.n_heads * cfg.head_dim * 4  # K and V, float32, batch 1
+    held = {r["strategy"]: r["cache_nbytes"] for r in data["results"]}
+    # N tokens: the prompt (6) and N - 1 decoded tokens went through the cache
+    assert held == {"none": 0, "concat": (6 + N - 1) * per_token, "prealloc": (6 + N) * per_token,
+                    "sliding": WINDOW * per_token, "hf-dynamic": (6 + N - 1) * per_token,
+                    "hf-static": (6 + N) * per_token}
+
+
+def test_same_greedy_tokens_as_kvlib(run):
+    _, data = run
+    res = {r["strategy"]: r for r in data["results"]}
+    assert res["prealloc"]["tokens_ref"] is None  # the reference
+    for s in ("none", "concat", "hf-dynamic", "hf-static"):
+        assert res[s]["tokens_ref"] == "prealloc" and res[s]["tokens_match"] is True, s
+    assert isinstance(res["sliding"]["tokens_match"], bool)  # may differ past the window
+
+
+def test_allocations_grow_with_concat_only(run):
+    _, data = run
+    cfg = kvlib.GPTConfig.from_preset("tiny")
+    per_token = cfg.n_layers * 2 * cfg.n_heads * cfg.head_dim * 4
+    res = {r["strategy"]: r["allocations"] for r in data["results"]}
+    (a, b) = res["concat"]
+    # every step's torch.cat copies the whole cache into new tensors
+    assert b["bytes"] - a["bytes"] >= (b["seq_len"] - a["seq_len"]) * per_token
+    (a, b) = res["prealloc"]
+    assert abs(b["bytes"] - a["bytes"]) < (b["seq_len"] - a["seq_len"]) * per_token
+    assert a["count"] == b["count"]
+
+
+def test_floor_reads_every_weight_once():
+    for model in (make_model("tiny"), make_model("tiny", n_layers=3, vocab_size=500)):
+        mats = bench.floor_weights(model)
+        assert len(mats) == 4 * model.cfg.n_layers + 1
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert {id(m.weight) for m in linears} == {id(w) for w, _ in mats}  # head once: tied
+        assert mats[-1][0] is model.wte.weight
+        # what a decode step needs in full: every parameter except the position table (one row
+        # per token) and the LayerNorms (a few vectors)
+        skip = {id(model.wpe.weight)} | {id(p) for m in model.modules()
+                                         if isinstance(m, torch.nn.LayerNorm)
+                                         for p in m.parameters()}
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                           if id(p) not in skip)
+        assert bench.floor_nbytes(model) == weight_bytes
+        C, V, L = model.cfg.emb_dim, model.cfg.vocab_size, model.cfg.n_layers
+        assert weight_bytes == 4 * (L * (12 * C * C + 9 * C) + V * C)
+
+
+def test_floor_step_is_a_chain_over_the_weights():
+    model = make_model("tiny")
+    cfg = model.cfg
+    mats = bench.floor_weights(model)
+    x = torch.randn(2, cfg.emb_dim)
+    kv = [(torch.randn(2, cfg.n_heads, 5, cfg.head_dim),) * 2 for _ in range(cfg.n_layers)]
+    with torch.no_grad():
+        out = bench.floor_step(mats, x, kv, cfg.n_heads)
+        assert out.shape == (2, cfg.vocab_size)
+        assert not torch.equal(out, bench.floor_step(mats, x))  # the KV reads feed the chain
+    f = bench.Floor(model, batch=1, kv_len=7)
+    f.measure(2)
+    assert len(f.times) == 2 and f.kv_nbytes == cfg.n_layers * 2 * 7 * cfg.emb_dim * 4
+
+
+def test_hf_twin_has_identical_weights_and_tokens():
+    model = make_model("tiny", seed=3)
+    hf = bench.hf_twin(model)
+    table = name_table(model.cfg.n_layers)
+    hf_sd, sd = hf.state_dict(), model.state_dict()
+    assert len(table) == len(sd) - 1  # every weight but the tied head
+    for name, (hf_name, transposed) in table.items():
+        mine = sd[name].t() if transposed else sd[name]
+        assert torch.equal(hf_sd[hf_name], mine), name
+    assert torch.equal(hf_sd["lm_head.weight"], sd["wte.weight"])
+    idx = torch.tensor([bench.PROMPT, bench.PROMPT[::-1]])
+    ref = kvlib.generate(model, idx, 20, cache="prealloc").tokens[:, 6:]
+    for kind in bench.HF_KINDS:
+        got = bench.time_run(bench.HFRunner(hf, kind), idx, 20)["tokens"]
+        assert torch.equal(got, ref), kind
+
+
+def _synthetic(step: dict[str, float], tps: dict[str, float], **extra) -> dict:
+    rows = []
+    for (strategy, n), t in tps.items():
+        r = {"model": "gpt2", "dtype": "float32", "batch": 1, "device": "cpu", "new_tokens": n,
+             "strategy": strategy, "backend": "hf" if strategy.startswith("hf") else "kvlib",
+             "decode_tokens_per_s": {"median": t}, "step_ms": {"p50": 1000 / t},
+             "floor_ratio": step.get((strategy, n), math.nan), "first_ms": 10.0,
+             "last_ms": 11.0 if strategy == "prealloc" else 20.0, "end_floor_kv_ratio": 1.1,
+             "wall_s": {"median": 1.0}}
+        rows.append(r)
+    return {"results": rows, "environment": {"threads": 2}, "floor": [], **extra}
+
+
+def test_targets_are_judged_from_the_numbers():
+    data = _synthetic({("prealloc", 200): 1.1},
+                      {("concat", 200): 30, ("prealloc", 200): 37, ("hf-dynamic", 200): 30,
+                       ("prealloc", 1000): 30, ("hf-dynamic", 1000): 25, ("concat", 1000): 20})
+    got = [(round(t["value"], 3), t["met"]) for t in bench.targets(data)]
+    assert got == [(1.233, True),  # 200 tokens: fastest cache (prealloc) vs DynamicCache
+                   (1.1, True),  # its step vs the floor
+                   (1.2, False),  # 1000 tokens: prealloc vs DynamicCache, needs 1.3
+                   (1.1, True),  # step at the end vs floor + KV
+                   (1.1, True),  # flat: last 100 / first 100
+                   (2.0, True)]  # concat's growth, shown
+    assert bench.targets(data)[0]["detail"] == "prealloc"
+    # nothing measured: "not measured", never a pass
+    empty = bench.targets({"results": [], "environment": {"threads": 2}, "floor": []})
+    assert all(t["met"] is None for t in empty)
+
+
+def test_report_and_plots(run, capsys):
+    out, data = run
+    text = bench.report(data, str(out))
+    for needle in ("## Targets", "## Decode speed", "## Floor and floor + KV",
+                   "## Cache vs no cache, per step", "## Per-step overhead", "hf-static",
+                   "No GPU on this machine", data["command"], "![Decode step latency"):
+        assert needle in text, needle
+    for name, _ in bench.PLOTS:
+        png = out / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000, name
+    bench.main(["report", str(out / "results.json"), "--plots-dir", str(out)])
+    assert capsys.readouterr().out.strip() == text.strip()
+
+
+def test_cli_refuses_what_it_cannot_run():
+    with pytest.raises(SystemExit, match="exceed"):
+        bench.Bench([bench.Suite(["tiny"], ["prealloc"], [300])], progress=False).run()
+    with pytest.raises(SystemExit, match="unknown strategy"):
+        bench.Bench([bench.Suite(["tiny"], ["paged"], [4])], progress=False).run()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA"):
+            bench.Bench([bench.Suite(["tiny"], ["prealloc"], [4], devices=["cuda"])],
+                        progress=False).run()
