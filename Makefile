@@ -25,7 +25,7 @@ lint: setup
 
 # Unit tests and strict nbval in one run; the book is built first (browser tests read _build/html).
 test: lint book
-	$(PY) -m pytest tests notebooks --nbval --sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 # Executes every chapter; any warning (-W, -n) or notebook error (nb_execution_raise_on_error) fails.
 book: setup
