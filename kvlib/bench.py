@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -77,6 +78,7 @@ PLANS: dict[str, list[Suite]] = {
         Suite(["gpt2"], ["concat", "prealloc"], [200], batches=[4], repeats=1),
         Suite(["gpt2-medium"], ["concat", "prealloc", "sliding"], [100], repeats=1,
               compare_hf=True),
+        Suite(["tiny", "gpt2"], ["prealloc"], [50], dtypes=["bfloat16"], repeats=1),
     ],
     "quick": [  # seconds: the tiny model only (what the tests run)
         Suite(["tiny"], ["none", "concat", "prealloc", "sliding"], [32], repeats=2,
@@ -592,10 +594,12 @@ class Bench:
                 if r:  # the first round is a warm-up
                     steps[k] += run["steps"]
         twin_ms = {k: float(np.median(v)) * 1e3 for k, v in steps.items()}
-        real = {r["strategy"]: r["step_ms"]["p50"] for r in results
-                if (r["model"], r["dtype"], r["device"], r["batch"]) == (name, dtype, device, 1)}
+        same = [r for r in results if (r["model"], r["dtype"], r["device"], r["batch"])
+                == (name, dtype, device, 1)]
+        n = min((r["new_tokens"] for r in same), default=None)  # the shortest run's steps
+        real = {r["strategy"]: r["step_ms"]["p50"] for r in same if r["new_tokens"] == n}
         return {"model": name, "twin": {"emb_dim": narrow.emb_dim, "vocab_size": 256},
-                "twin_step_ms": twin_ms, "real_step_ms": real,
+                "twin_step_ms": twin_ms, "real_step_ms": real, "real_new_tokens": n,
                 "profile": profile_decode_step(self.model(name, dtype, device))}
 
 
@@ -639,6 +643,60 @@ def profile_decode_step(model: GPTModel, n: int = 5, top: int = 8) -> dict:
                      "self_ms": e.self_cpu_time_total / n / 1e3} for e in rows[:top]]}
 
 
+def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
+    """Does ``torch.compile`` pay for the preallocated cache's decode step on this machine?
+
+    The same model run eagerly and through ``torch.compile(model, dynamic=True)`` (the cache's
+    length changes every step), prefill eager, ``n - 1`` greedy decode steps each; the first
+    compiled run includes the compilation. Rounds alternate eager and compiled."""
+    model = load(preset, "float32", "cpu")
+    compiled = torch.compile(model, dynamic=True)
+    idx = torch.tensor([PROMPT])
+
+    def run(forward) -> tuple[list[float], list[int]]:
+        model.set_kv_cache("prealloc", max_len=len(PROMPT) + n)
+        times, tokens = [], []
+        with torch.inference_mode():
+            tok = model(idx, use_cache=True, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            for _ in range(n - 1):
+                t0 = time.perf_counter()
+                tok = forward(tok, use_cache=True, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                times.append(time.perf_counter() - t0)
+                tokens.append(int(tok[0, 0]))
+        return times, tokens
+
+    run(model)  # warm-up
+    t0 = time.perf_counter()
+    _, first_tokens = run(compiled)
+    compile_s = time.perf_counter() - t0
+    eager, comp = [], []
+    for _ in range(rounds):
+        times, ref = run(model)
+        eager += times
+        times, tokens = run(compiled)
+        comp += times
+    return {"model": preset, "new_tokens": n, "threads": torch.get_num_threads(),
+            "first_run_s": compile_s, "eager_step_ms": summary([1e3 * t for t in eager]),
+            "compiled_step_ms": summary([1e3 * t for t in comp]),
+            "same_tokens": tokens == ref and first_tokens == ref,
+            "environment": environment_info("cpu")}
+
+
+def compile_text(c: dict) -> str:
+    e, k = c["eager_step_ms"]["median"], c["compiled_step_ms"]["median"]
+    gain = e - k
+    verdict = (f"pays off: {gain:.2f} ms a step saved" if gain > 0.05 * e else
+               f"does not pay: {gain:+.2f} ms a step ({100 * gain / e:+.1f}%), within noise, "
+               "so kvlib ships no compile path")
+    return (f"`torch.compile(model, dynamic=True)` on {c['model']} with the preallocated cache, "
+            f"{c['new_tokens']} tokens, {c['threads']} thread(s): the first run (compilation "
+            f"included) took {c['first_run_s']:.0f} s; then a decode step takes {k:.2f} ms "
+            f"compiled vs {e:.2f} ms eager (medians; IQR {c['compiled_step_ms']['q1']:.2f}-"
+            f"{c['compiled_step_ms']['q3']:.2f} vs {c['eager_step_ms']['q1']:.2f}-"
+            f"{c['eager_step_ms']['q3']:.2f}); same tokens: {c['same_tokens']}. Verdict: it "
+            f"{verdict}. Measured by `python -m kvlib.bench compile`.")
+
+
 # ----------------------------------------------------------------------------- targets
 
 def find(results: list[dict], **kw) -> dict | None:
@@ -659,7 +717,8 @@ def targets(data: dict) -> list[dict]:
 
 
     hf200 = find(res, strategy="hf-dynamic", new_tokens=200, **base)
-    mine200 = [r for r in res if r["backend"] == "kvlib" and r["strategy"] != "none"
+    # kvlib's caches that give the same tokens as HF (sliding attends to fewer: not compared)
+    mine200 = [r for r in res if r["strategy"] in ("concat", "prealloc")
                and r["new_tokens"] == 200 and all(r[k] == v for k, v in base.items())]
     best = max(mine200, key=lambda r: r["decode_tokens_per_s"]["median"], default=None)
     if best and hf200:
@@ -726,8 +785,15 @@ def report(data: dict, plots_dir: str = "") -> str:
                  f"on {env['cpu_count']} CPUs.\n")
     if data.get("note"):
         L.append(f"> {data['note']}\n")
-    L.append("**Command:**\n\n```bash\n" + data["command"] + "\npython -m kvlib.bench report "
-             "benchmarks/results.json > benchmarks/RESULTS.md\n```\n")
+    extra = ""
+    if data.get("compile"):
+        c = data["compile"]
+        extra = (f"python -m kvlib.bench compile --model {c['model']} --new-tokens "
+                 f"{c['new_tokens']} --threads {c['threads']} --out benchmarks/compile.json\n")
+    L.append("**Commands** (from the repository root):\n\n```bash\n" + data["command"] + "\n"
+             + extra + "python -m kvlib.bench report benchmarks/results.json --plots-dir "
+             "benchmarks" + (" --compile benchmarks/compile.json" if extra else "")
+             + " > benchmarks/RESULTS.md\n```\n")
     L.append("Workload: random weights (seed 123), prompt of 6 tokens, greedy. `hf-dynamic` and "
              "`hf-static` are transformers' `GPT2LMHeadModel` with `DynamicCache` and "
              "`StaticCache`, loaded with the same weights (`kvlib.pretrained.to_hf_state_dict`) "
@@ -792,10 +858,12 @@ def report(data: dict, plots_dir: str = "") -> str:
              "warm-up run; the generation loop's own work between steps is included.\n")
 
     L.append("## Floor and floor + KV\n")
-    L.append("| model | dtype | batch | KV length | weights MiB | KV MiB | floor ms (IQR) |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| model | dtype | batch | run (new tokens) | KV length | weights MiB | KV MiB | "
+             "floor ms (IQR) |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for f in data["floor"]:
-        L.append(f"| {f['model']} | {f['dtype']} | {f['batch']} | {f['kv_len']} | "
+        L.append(f"| {f['model']} | {f['dtype']} | {f['batch']} | {f['new_tokens']} | "
+                 f"{f['kv_len']} | "
                  f"{_mib(f['weight_nbytes'])} | {_mib(f['kv_nbytes'])} | "
                  f"{_fmt(f['ms']['median'])} ({_fmt(f['ms']['q1'])}-{_fmt(f['ms']['q3'])}) |")
     L.append("")
@@ -822,7 +890,8 @@ def report(data: dict, plots_dir: str = "") -> str:
                  f"emb_dim={ov['twin']['emb_dim']} and a {ov['twin']['vocab_size']}-token "
                  "vocabulary: the arithmetic is negligible, what remains is Python, module calls "
                  "and op dispatch per step.\n")
-        L.append("| strategy | twin step ms | real step ms | overhead share |\n|---|---|---|---|")
+        L.append(f"| strategy | twin step ms | real step ms ({ov.get('real_new_tokens')}-token "
+                 "run) | overhead share |\n|---|---|---|---|")
         for k, v in ov["twin_step_ms"].items():
             real = ov["real_step_ms"].get(k)
             share = f"{100 * v / real:.0f}%" if real else "n/a"
@@ -837,9 +906,8 @@ def report(data: dict, plots_dir: str = "") -> str:
         L.append("")
 
     if data.get("compile"):
-        c = data["compile"]
         L.append("## torch.compile\n")
-        L.append(c["text"] + "\n")
+        L.append(compile_text(data["compile"]) + "\n")
 
     L.append("## Plots\n")
     for name, title in PLOTS:
@@ -879,15 +947,15 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
             y = np.array([np.median(y[max(0, i - 4): i + 5]) for i in range(y.size)])
         x = np.arange(y.size) + r["prompt_len"] + 1
         ax.plot(x, y, lw=1.2, label=r["strategy"], color=colors.get(r["strategy"]))
-    floors = [f for f in data["floor"] if all(f[k] == key[k] for k in ("model", "dtype",
-                                                                        "device", "batch"))]
-    for f in floors:
-        label = "floor" if f["kv_len"] == 0 else f"floor + KV at {f['kv_len']}"
-        ax.scatter([max(f["kv_len"], len(PROMPT) + 1)], [f["ms"]["median"]], marker="_", s=400,
-                   color="black", zorder=5)
-        ax.annotate(label, (max(f["kv_len"], len(PROMPT) + 1), f["ms"]["median"]),
-                    textcoords="offset points", xytext=(-10, -12), fontsize=7,
-                    ha="right" if f["kv_len"] else "left")
+    # The floor (no KV) and floor + KV at the lengths measured: a dashed line
+    same = ("model", "dtype", "device", "batch")
+    pts = {max(f["kv_len"], len(PROMPT) + 1): f["ms"]["median"] for f in data["floor"]
+           if all(f[k] == key[k] for k in (*same, "new_tokens"))}
+    pts.update({x["length"]: x["floor_kv_ms"] for x in data["no_cache"]
+                if all(x[k] == key[k] for k in same) and x["length"] <= max(pts, default=0)})
+    if pts:
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], "k--", lw=1, marker=".", label="floor (+ KV read)")
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("decode step (ms)")
     ax.set_title(f"{key['model']}, {key['dtype']}, {key['device']}, batch {key['batch']}",
@@ -986,6 +1054,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep = sub.add_parser("report", help="Markdown tables of a results JSON (to stdout)")
     rep.add_argument("json")
     rep.add_argument("--plots-dir", default="", help="where the PNGs are (to list only those)")
+    rep.add_argument("--compile", help="a JSON written by the compile command, to include")
+    co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")
+    co.add_argument("--model", default="gpt2")
+    co.add_argument("--new-tokens", type=int, default=100)
+    co.add_argument("--threads", type=int, default=2)
+    co.add_argument("--out", default="compile.json")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
@@ -995,7 +1069,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.cmd == "report":
-        print(report(json.loads(Path(args.json).read_text()), args.plots_dir))
+        data = json.loads(Path(args.json).read_text())
+        if args.compile:
+            data["compile"] = json.loads(Path(args.compile).read_text())
+        print(report(data, args.plots_dir))
+        return
+    if args.cmd == "compile":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        c = compile_check(args.model, args.new_tokens)
+        Path(args.out).write_text(json.dumps(c, indent=1) + "\n")
+        print(compile_text(c))
         return
     if args.cmd == "plot":
         for p in plot(json.loads(Path(args.json).read_text()), args.dir):
@@ -1013,7 +1097,7 @@ def main(argv: list[str] | None = None) -> None:
                   no_cache_lengths=tuple(args.no_cache_lengths), overhead=args.overhead,
                   overhead_tokens=args.overhead_tokens, floor_samples=args.floor_samples,
                   progress=not args.no_progress,
-                  command="python -m kvlib.bench " + " ".join(argv))
+                  command=shlex.join(["python", "-m", "kvlib.bench", *argv]))
     data = bench.run()
     data["note"] = args.note
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,14 @@ def test_cli_refuses_what_it_cannot_run():
         with pytest.raises(SystemExit, match="no CUDA"):
             bench.Bench([bench.Suite(["tiny"], ["prealloc"], [4], devices=["cuda"])],
                         progress=False).run()
+
+
+def test_compile_verdict_follows_the_numbers():
+    def record(eager: float, compiled: float) -> dict:
+        ms = lambda m: {"median": m, "q1": m, "q3": m}  # noqa: E731
+        return {"model": "gpt2", "new_tokens": 100, "threads": 2, "first_run_s": 240.0,
+                "eager_step_ms": ms(eager), "compiled_step_ms": ms(compiled), "same_tokens": True}
+
+    assert "does not pay" in bench.compile_text(record(31.0, 30.5))
+    assert "ships no compile path" in bench.compile_text(record(31.0, 32.0))
+    assert "pays off: 6.00 ms" in bench.compile_text(record(31.0, 25.0))
