@@ -685,12 +685,16 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
 def compile_text(c: dict) -> str:
     e, k = c["eager_step_ms"]["median"], c["compiled_step_ms"]["median"]
     gain = e - k
-    verdict = (f"pays off: {gain:.2f} ms a step saved" if gain > 0.05 * e else
-               f"does not pay: {gain:+.2f} ms a step ({100 * gain / e:+.1f}%), within noise, "
-               "so kvlib ships no compile path")
+    if gain > 0.05 * e:
+        verdict = f"pays off: {gain:.2f} ms a step saved"
+    else:
+        how = "the compiled step is slower" if gain < 0 else "less than 5%, within the noise"
+        verdict = (f"does not pay: {gain:+.2f} ms a step ({100 * gain / e:+.1f}%; {how}), so "
+                   "kvlib ships no compile path")
     return (f"`torch.compile(model, dynamic=True)` on {c['model']} with the preallocated cache, "
             f"{c['new_tokens']} tokens, {c['threads']} thread(s): the first run (compilation "
-            f"included) took {c['first_run_s']:.0f} s; then a decode step takes {k:.2f} ms "
+            f"included; inductor's on-disk cache may shorten it) took {c['first_run_s']:.0f} s; "
+            f"then a decode step takes {k:.2f} ms "
             f"compiled vs {e:.2f} ms eager (medians; IQR {c['compiled_step_ms']['q1']:.2f}-"
             f"{c['compiled_step_ms']['q3']:.2f} vs {c['eager_step_ms']['q1']:.2f}-"
             f"{c['eager_step_ms']['q3']:.2f}); same tokens: {c['same_tokens']}. Verdict: it "
@@ -805,6 +809,12 @@ def report(data: dict, plots_dir: str = "") -> str:
              "per layer.\n")
 
     L.append("## Targets\n")
+    loads = [x[0] for x in (load0, load1) if x]
+    if loads and max(loads) > 0.5 * env["cpu_count"]:
+        L.append(f"**Caution:** other work kept this machine busy (load average up to "
+                 f"{max(loads):.1f} on {env['cpu_count']} CPUs), and a slowdown that hits one "
+                 "strategy's run and not another's skews a ratio: these verdicts are not final. "
+                 "Compare the spreads in the tables below, and rerun on a quiet machine.\n")
     L.append("| target | measured | limit | met |\n|---|---|---|---|")
     for t in data["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
