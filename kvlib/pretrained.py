@@ -112,7 +112,7 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: GPTConfig, source: str = "sta
         model = GPTModel(cfg)
     weights["lm_head.weight"] = weights["wte.weight"]
     model.load_state_dict(weights, assign=True)
-    model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; tie them again
+    model.transpose_weight_storage()  # the fast layout for decoding; also re-ties the head
     return model.eval()
 
 
