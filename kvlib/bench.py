@@ -809,9 +809,10 @@ def report(data: dict, plots_dir: str = "") -> str:
              "per layer.\n")
 
     L.append("## Targets\n")
-    loads = [x[0] for x in (load0, load1) if x]
+    # The load at the start is other work; at the end it also counts the bench's own threads.
+    loads = [load0[0]] if load0 else []
     if loads and max(loads) > 0.5 * env["cpu_count"]:
-        L.append(f"**Caution:** other work kept this machine busy (load average up to "
+        L.append(f"**Caution:** other work kept this machine busy (load average "
                  f"{max(loads):.1f} on {env['cpu_count']} CPUs), and a slowdown that hits one "
                  "strategy's run and not another's skews a ratio: these verdicts are not final. "
                  "Compare the spreads in the tables below, and rerun on a quiet machine.\n")
