@@ -27,3 +27,13 @@ def tiny() -> kvlib.GPTModel:
 @pytest.fixture(scope="session")
 def gpt2() -> kvlib.GPTModel:
     return make_model("gpt2", seed=123)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small run fastest on one thread; two threads on a busy 2-core machine can be
+    100x slower (OpenMP workers waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

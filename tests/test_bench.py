@@ -21,13 +21,7 @@ N, WINDOW, LENGTHS = 12, 8, (16, 32)
 STRATEGIES = ["none", "concat", "prealloc", "sliding"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model is fastest on one thread; two on a busy 2-core machine can be 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

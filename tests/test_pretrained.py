@@ -27,14 +27,7 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 VOCAB, CTX = 2048, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; two threads on a busy 2-core machine can be
-    100x slower (OpenMP workers waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
