@@ -24,15 +24,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused q, k, v
         self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache = ConcatCache()  # this layer's keys and values; see kvlib.cache
 
     def forward(self, x: Tensor, use_cache: bool = False) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
 
         window = None
         if use_cache:  # store the new keys/values; attend over what the cache returns
@@ -46,7 +43,7 @@ class CausalSelfAttention(nn.Module):
             mask = attention_mask(T, S, window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -54,10 +51,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
         self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return F.dropout(x, self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -79,7 +77,6 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)  # token embeddings
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # learned positions
-        self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
@@ -178,8 +175,8 @@ class GPTModel(nn.Module):
                 + ("call model.reset_kv_cache() or generate fewer tokens" if use_cache and start
                    else "crop the input to the last context_length tokens")
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        pos_emb = self.wpe.weight[start : start + T]  # (T, C): the positions are consecutive
+        x = F.dropout(self.wte(idx) + pos_emb, self.cfg.dropout, self.training)  # (B, T, C)
         for block in self.h:
             x = block(x, use_cache)
         if use_cache:
@@ -199,6 +196,6 @@ def check_token_ids(idx: Tensor, vocab_size: int) -> None:
     if idx.dim() != 2 or idx.numel() == 0:
         raise ValueError(f"token ids must have shape (batch, tokens) with at least one token, "
                          f"got shape {tuple(idx.shape)}")
-    lo, hi = int(idx.min()), int(idx.max())
+    lo, hi = (int(t) for t in torch.aminmax(idx))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got values from {lo} to {hi}")
