@@ -68,8 +68,8 @@ class Suite:
 
 # "full" is the run behind benchmarks/RESULTS.md (about 17 minutes on 2 quiet cores). The gpt2
 # rows behind the targets get more repeats (a shared machine drifts by ~10% within a minute); the
-# no-cache baseline runs
-# 200 tokens once, for the end-to-end speed-up; per step it is timed at fixed lengths.
+# no-cache baseline runs 200 tokens once, for the end-to-end speed-up; per step it is timed at fixed
+# lengths.
 PLANS: dict[str, list[Suite]] = {
     "full": [
         Suite(["gpt2"], ["concat", "prealloc", "sliding"], [200], repeats=5, compare_hf=True),
