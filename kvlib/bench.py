@@ -684,6 +684,108 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
             "environment": environment_info("cpu")}
 
 
+def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), repeats: int = 3,
+             strategy: str = "prealloc", progress: bool = True) -> dict:
+    """kvlib, transformers' DynamicCache and the floor take turns, one decode step each.
+
+    Separate runs, even interleaved, see a shared machine at different moments, and its speed drifts
+    by ~10% within a minute. In lockstep the three advance together: step i of each runs within
+    ~0.1 s of the others, at the same sequence length, so a slowdown hits all three alike. The
+    order of the three rotates with the repeat. Flatness is also given per floor: each step divided
+    by the floor step timed next to it, which cancels the drift left between the first and last
+    100 steps."""
+    from tqdm.auto import tqdm
+
+    model = load(preset, "float32", "cpu")
+    hf = hf_twin(model)
+    idx = torch.tensor([PROMPT])
+    floor = Floor(model, 1)
+    out = {"schema": SCHEMA + "/lockstep", "model": preset, "strategy": strategy,
+           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "environment": environment_info("cpu"), "runs": []}
+    started = time.perf_counter()
+    bar = tqdm(total=len(new_tokens) * (repeats + 1), desc="lockstep", unit="run",
+               disable=not progress)
+    for n in new_tokens:
+        reps = []
+        for r in range(-1, repeats):  # r = -1: an untimed warm-up of at most 64 tokens
+            m = min(n, 64) if r < 0 else n
+            streams = {"kvlib": KvlibRunner(model, strategy, 128).stream(idx, m),
+                       "hf": HFRunner(hf, "hf-dynamic").stream(idx, m)}
+            times: dict[str, list[float]] = {"kvlib": [], "hf": [], "floor": []}
+            tokens: dict[str, list[Tensor]] = {"kvlib": [], "hf": []}
+            order = ["kvlib", "hf", "floor"]
+            order = order[r % 3:] + order[: r % 3]
+            for _ in range(m):
+                for who in order:
+                    if who == "floor":
+                        floor.times.clear()
+                        floor.measure(1)
+                        times["floor"].append(floor.times[0])
+                    else:
+                        tok, seconds = next(streams[who])
+                        tokens[who].append(tok)
+                        times[who].append(seconds)
+            bar.update(1)
+            if r < 0:
+                continue
+            reps.append({"order": order, "same_tokens": all(
+                torch.equal(a, b) for a, b in zip(tokens["kvlib"], tokens["hf"], strict=True)),
+                **{f"{k}_ms": [round(1e3 * t, 4) for t in v[1:]] for k, v in times.items()}})
+        out["runs"].append({"new_tokens": n, "repeats": reps, **lockstep_summary(reps)})
+    bar.close()
+    out["duration_s"] = time.perf_counter() - started
+    return out
+
+
+def lockstep_summary(reps: list[dict]) -> dict:
+    """Per repeat: kvlib / HF decode tokens/s, median step / median floor, and flatness (median
+    of the last 100 steps / the first 100) raw and divided step by step by the floor; medians over
+    the repeats. The prefill is not in the lists (as in ``run``, only decode steps count)."""
+    def per(f: Callable[[dict], float]) -> dict:
+        return summary([f(r) for r in reps])
+
+    def med(r: dict, key: str) -> float:
+        return float(np.median(r[key]))
+
+    def flat(r: dict, xs: list[float]) -> float:
+        k = min(100, len(xs) // 2)
+        return float(np.median(xs[-k:]) / np.median(xs[:k]))
+
+    return {
+        "kvlib_over_hf_tokens_per_s": per(lambda r: sum(r["hf_ms"]) / sum(r["kvlib_ms"])),
+        "step_over_floor": per(lambda r: med(r, "kvlib_ms") / med(r, "floor_ms")),
+        "hf_over_floor": per(lambda r: med(r, "hf_ms") / med(r, "floor_ms")),
+        "flatness": per(lambda r: flat(r, r["kvlib_ms"])),
+        "flatness_per_floor": per(lambda r: flat(r, [
+            a / b for a, b in zip(r["kvlib_ms"], r["floor_ms"], strict=True)])),
+        "same_tokens": all(r["same_tokens"] for r in reps),
+    }
+
+
+def lockstep_text(d: dict) -> list[str]:
+    L = ["## Lockstep: kvlib, DynamicCache and the floor in turn\n",
+         f"`python -m kvlib.bench lockstep` ({d['created']}, {d['duration_s'] / 60:.1f} min, "
+         f"{d['environment']['threads']} threads): {d['model']}, float32, batch 1, "
+         f"`{d['strategy']}` against transformers' `DynamicCache` and the floor, one decode step "
+         "of each in turn, so that drift hits all three alike; medians over the repeats (min-max "
+         "in brackets). These are the same targets, measured a second, better-controlled way.\n",
+         "| new tokens | repeats | kvlib / DynamicCache tok/s | step / floor | DynamicCache "
+         "step / floor | last 100 / first 100 | same, per floor step | same tokens |",
+         "|---|---|---|---|---|---|---|---|"]
+
+    def cell(x: dict) -> str:
+        return f"{x['median']:.3f} ({x['min']:.3f}-{x['max']:.3f})"
+
+    for r in d["runs"]:
+        L.append(f"| {r['new_tokens']} | {len(r['repeats'])} | "
+                 f"{cell(r['kvlib_over_hf_tokens_per_s'])} | {cell(r['step_over_floor'])} | "
+                 f"{cell(r['hf_over_floor'])} | {cell(r['flatness'])} | "
+                 f"{cell(r['flatness_per_floor'])} | {'yes' if r['same_tokens'] else 'NO'} |")
+    L.append("")
+    return L
+
+
 def compile_text(c: dict) -> str:
     e, k = c["eager_step_ms"]["median"], c["compiled_step_ms"]["median"]
     gain = e - k
@@ -796,9 +898,12 @@ def report(data: dict, plots_dir: str = "") -> str:
         c = data["compile"]
         extra = (f"python -m kvlib.bench compile --model {c['model']} --new-tokens "
                  f"{c['new_tokens']} --threads {c['threads']} --out benchmarks/compile.json\n")
+    if data.get("lockstep"):
+        extra += data["lockstep"]["command"] + "\n"
     L.append("**Commands** (from the repository root):\n\n```bash\n" + data["command"] + "\n"
              + extra + "python -m kvlib.bench report benchmarks/results.json --plots-dir "
-             "benchmarks" + (" --compile benchmarks/compile.json" if extra else "")
+             "benchmarks" + (" --compile benchmarks/compile.json" if data.get("compile") else "")
+             + (" --lockstep benchmarks/lockstep.json" if data.get("lockstep") else "")
              + " > benchmarks/RESULTS.md\n```\n")
     L.append("Workload: random weights (seed 123), prompt of 6 tokens, greedy. `hf-dynamic` and "
              "`hf-static` are transformers' `GPT2LMHeadModel` with `DynamicCache` and "
@@ -827,6 +932,8 @@ def report(data: dict, plots_dir: str = "") -> str:
         detail = f" ({t['detail']})" if t["detail"] else ""
         L.append(f"| {t['target']}{detail} | {_fmt(t['value'])}x | {limit} | {met} |")
     L.append("")
+    if data.get("lockstep"):
+        L += lockstep_text(data["lockstep"])
 
     L.append("## Decode speed\n")
     groups: dict[tuple, list[dict]] = {}
@@ -1068,6 +1175,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("json")
     rep.add_argument("--plots-dir", default="", help="where the PNGs are (to list only those)")
     rep.add_argument("--compile", help="a JSON written by the compile command, to include")
+    rep.add_argument("--lockstep", help="a JSON written by the lockstep command, to include")
+    ls = sub.add_parser("lockstep", help="kvlib, DynamicCache and the floor one step each, in "
+                        "turn (needs transformers)")
+    ls.add_argument("--model", default="gpt2")
+    ls.add_argument("--strategy", default="prealloc", choices=["concat", "prealloc"])
+    ls.add_argument("--new-tokens", type=_csv(int), default=[200, 1000])
+    ls.add_argument("--repeats", type=int, default=3)
+    ls.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    ls.add_argument("--out", default="lockstep.json")
+    ls.add_argument("--no-progress", action="store_true")
     co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")
     co.add_argument("--model", default="gpt2")
     co.add_argument("--new-tokens", type=int, default=100)
@@ -1085,6 +1202,8 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(Path(args.json).read_text())
         if args.compile:
             data["compile"] = json.loads(Path(args.compile).read_text())
+        if args.lockstep:
+            data["lockstep"] = json.loads(Path(args.lockstep).read_text())
         print(report(data, args.plots_dir))
         return
     if args.cmd == "compile":
@@ -1093,6 +1212,16 @@ def main(argv: list[str] | None = None) -> None:
         c = compile_check(args.model, args.new_tokens)
         Path(args.out).write_text(json.dumps(c, indent=1) + "\n")
         print(compile_text(c))
+        return
+    if args.cmd == "lockstep":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        d = lockstep(args.model, tuple(args.new_tokens), args.repeats, args.strategy,
+                     progress=not args.no_progress)
+        d["command"] = shlex.join(["python", "-m", "kvlib.bench",
+                                   *(sys.argv[1:] if argv is None else argv)])
+        Path(args.out).write_text(json.dumps(d, indent=1) + "\n")
+        print("\n".join(lockstep_text(d)))
         return
     if args.cmd == "plot":
         for p in plot(json.loads(Path(args.json).read_text()), args.dir):
