@@ -763,6 +763,25 @@ def lockstep_summary(reps: list[dict]) -> dict:
     }
 
 
+def lockstep_targets(d: dict) -> list[dict]:
+    """The ratio targets again, from a lockstep run: same rows as ``targets``, marked lockstep."""
+    runs = {r["new_tokens"]: r for r in d["runs"]}
+    s, out = d["strategy"], []
+    for n, key, name, op, limit in [
+            (200, "kvlib_over_hf_tokens_per_s", f"{s} / HF DynamicCache, decode tokens/s", ">=",
+             1.2),
+            (200, "step_over_floor", f"{s} median decode step / floor", "<=", 1.15),
+            (1000, "kvlib_over_hf_tokens_per_s", f"{s} / HF DynamicCache, decode tokens/s", ">=",
+             1.3),
+            (1000, "flatness_per_floor", f"{s} median step, last 100 / first 100, each step "
+             "divided by the floor step beside it", "<=", 1.25)]:
+        v = runs[n][key]["median"] if n in runs else None
+        met = None if v is None else (v >= limit if op == ">=" else v <= limit)
+        out.append({"target": f"{n} tokens, lockstep: {name}", "value": v, "op": op,
+                    "limit": limit, "met": met, "detail": ""})
+    return out
+
+
 def lockstep_text(d: dict) -> list[str]:
     L = ["## Lockstep: kvlib, DynamicCache and the floor in turn\n",
          f"`python -m kvlib.bench lockstep` ({d['created']}, {d['duration_s'] / 60:.1f} min, "
@@ -924,7 +943,8 @@ def report(data: dict, plots_dir: str = "") -> str:
                  "strategy's run and not another's skews a ratio: these verdicts are not final. "
                  "Compare the spreads in the tables below, and rerun on a quiet machine.\n")
     L.append("| target | measured | limit | met |\n|---|---|---|---|")
-    for t in data["targets"]:
+    for t in data["targets"] + (lockstep_targets(data["lockstep"]) if data.get("lockstep")
+                                else []):
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         if t["op"] == "shown":
             met = "shown" if t["value"] is not None else "not measured"

@@ -246,7 +246,8 @@ def test_lockstep_runs_the_three_in_turn(tmp_path):
 
 def run_like_data() -> dict:
     data = _synthetic({}, {})
-    return {**data, "targets": bench.targets(data), "created": "now", "duration_s": 60.0, "command": "python -m kvlib.bench run",
+    return {**data, "targets": bench.targets(data), "created": "now", "duration_s": 60.0,
+            "command": "python -m kvlib.bench run",
             "environment": {**data["environment"], "cpu_model": "cpu", "cpu_count": 2,
                             "torch": "2", "python": "3", "transformers": "5", "platform": "x",
                             "gpu": None}, "no_cache": [], "overhead": None}
@@ -261,3 +262,17 @@ def test_lockstep_summary_cancels_drift_per_floor_step():
     assert s["step_over_floor"]["median"] == pytest.approx(2.0)
     assert s["flatness"]["median"] > 2  # raw: the drift shows up as growth
     assert s["flatness_per_floor"]["median"] == pytest.approx(1.0)  # per floor step: flat
+
+
+def test_lockstep_targets_are_judged_from_the_numbers():
+    def run(n: int, **medians: float) -> dict:
+        return {"new_tokens": n, **{k: {"median": v} for k, v in medians.items()}}
+
+    d = {"strategy": "prealloc", "runs": [
+        run(200, kvlib_over_hf_tokens_per_s=1.21, step_over_floor=1.19),
+        run(1000, kvlib_over_hf_tokens_per_s=1.28, flatness_per_floor=1.1)]}
+    got = [(t["value"], t["met"]) for t in bench.lockstep_targets(d)]
+    assert got == [(1.21, True), (1.19, False), (1.28, False), (1.1, True)]
+    assert all("lockstep" in t["target"] for t in bench.lockstep_targets(d))
+    d["runs"] = d["runs"][:1]  # no 1000-token run: not measured, never a pass
+    assert [t["met"] for t in bench.lockstep_targets(d)][2:] == [None, None]
