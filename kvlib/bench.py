@@ -776,9 +776,7 @@ def lockstep_targets(d: dict) -> list[dict]:
             (1000, "flatness_per_floor", f"{s} median step, last 100 / first 100, each step "
              "divided by the floor step beside it", "<=", 1.25)]:
         v = runs[n][key]["median"] if n in runs else None
-        met = None if v is None else (v >= limit if op == ">=" else v <= limit)
-        out.append({"target": f"{n} tokens, lockstep: {name}", "value": v, "op": op,
-                    "limit": limit, "met": met, "detail": ""})
+        out.append(target_row(f"{n} tokens, lockstep: {name}", v, op, limit))
     return out
 
 
@@ -830,6 +828,13 @@ def find(results: list[dict], **kw) -> dict | None:
     return next((r for r in results if all(r.get(k) == v for k, v in kw.items())), None)
 
 
+def target_row(name: str, value: float | None, op: str, limit: float, detail: str = "") -> dict:
+    """One target: met (True/False), or None when the value was not measured (never a pass)."""
+    ok = None if value is None or value != value else (
+        value >= limit if op == ">=" else value <= limit)
+    return {"target": name, "value": value, "op": op, "limit": limit, "met": ok, "detail": detail}
+
+
 def targets(data: dict) -> list[dict]:
     """The issue's targets (gpt2, float32, batch 1, CPU), each met, not met or not measured."""
     res, threads = data["results"], data["environment"]["threads"]
@@ -837,10 +842,7 @@ def targets(data: dict) -> list[dict]:
     out = []
 
     def add(name: str, value: float | None, op: str, limit: float, detail: str = "") -> None:
-        ok = None if value is None or value != value else (
-            value >= limit if op == ">=" else value <= limit)
-        out.append({"target": name, "value": value, "op": op, "limit": limit, "met": ok,
-                    "detail": detail})
+        out.append(target_row(name, value, op, limit, detail))
 
 
     hf200 = find(res, strategy="hf-dynamic", new_tokens=200, **base)
