@@ -602,7 +602,8 @@ class Bench:
         real = {r["strategy"]: r["step_ms"]["p50"] for r in same if r["new_tokens"] == n}
         return {"model": name, "twin": {"emb_dim": narrow.emb_dim, "vocab_size": 256},
                 "twin_step_ms": twin_ms, "real_step_ms": real, "real_new_tokens": n,
-                "profile": profile_decode_step(self.model(name, dtype, device))}
+                "profile": profile_decode_step(self.model(name, dtype, device)),
+                "gap": floor_gap(self.model(name, dtype, device))}
 
 
 def cached_step_at(results: list[dict], model: str, dtype: str, device: str, batch: int,
@@ -643,6 +644,98 @@ def profile_decode_step(model: GPTModel, n: int = 5, top: int = 8) -> dict:
     return {"steps": n, "wall_ms": wall / n * 1e3, "ops_self_ms": total_self,
             "top": [{"op": e.key, "calls": e.count // n,
                      "self_ms": e.self_cpu_time_total / n / 1e3} for e in rows[:top]]}
+
+
+GAP_PARTS = ("layernorm", "gelu", "attention", "residual")  # small ops between weight reads
+
+
+def functional_step(model: GPTModel, tok: Tensor, kv_len: int,
+                    drop: frozenset[str] = frozenset()) -> Tensor:
+    """A prealloc decode step of ``model`` as bare functional calls over its own weights: no
+    modules, no checks, 2-D activations. The new token (position ``kv_len``) is written into slot
+    ``kv_len`` of each layer's cache and attends over the ``kv_len`` tokens before it; the caches'
+    counters do not move. ``drop`` leaves out kinds of small ops between the weight reads
+    ("layernorm", "gelu", "attention": the cache write and attention, "residual": the adds), to
+    measure what each costs; with nothing dropped the logits ``(B, vocab)`` equal ``decode_one``'s.
+    """
+    cfg = model.cfg
+    H, D, C = cfg.n_heads, cfg.head_dim, cfg.emb_dim
+    ln = "layernorm" not in drop
+
+    def norm(x: Tensor, m: torch.nn.LayerNorm) -> Tensor:
+        return F.layer_norm(x, (C,), m.weight, m.bias, m.eps) if ln else x
+
+    x = model.wte.weight[tok[:, 0]] + model.wpe.weight[kv_len]  # (B, C)
+    for block in model.h:
+        attn, mlp, cache = block.attn, block.mlp, block.attn.kv_cache
+        qkv = F.linear(norm(x, block.ln_1), attn.c_attn.weight, attn.c_attn.bias)  # (B, 3C)
+        if "attention" in drop:
+            y = qkv[:, :C]
+        else:
+            q, k, v = qkv.view(-1, 3, H, 1, D).unbind(1)  # 3 x (B, H, 1, D)
+            cache.keys[:, :, kv_len : kv_len + 1] = k
+            cache.values[:, :, kv_len : kv_len + 1] = v
+            y = F.scaled_dot_product_attention(q, cache.keys[:, :, : kv_len + 1],
+                                               cache.values[:, :, : kv_len + 1]).view(-1, C)
+        y = F.linear(y, attn.c_proj.weight, attn.c_proj.bias)
+        x = y if "residual" in drop else x + y
+        h = F.linear(norm(x, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias)  # (B, 4C)
+        if "gelu" not in drop:
+            h = F.gelu(h, approximate="tanh")
+        y = F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        x = y if "residual" in drop else x + y
+    return F.linear(norm(x, model.ln_f), model.lm_head.weight)  # (B, vocab)
+
+
+def floor_gap(model: GPTModel, kv_len: int = 100, rounds: int = 100) -> dict:
+    """Where a decode step's time above the floor goes, measured on the real model.
+
+    In turn, each round: kvlib's step (``decode_one``, prealloc, ``kv_len`` cached tokens), the same
+    step as bare functional calls (``functional_step``), that step without each kind of small op,
+    with only its matrix products left, and the floor. Medians over the rounds; the order rotates.
+    A small op between two weight reads finds its code and data evicted by megabytes of weights,
+    so it costs far more here than in a loop of its own."""
+    p = next(model.parameters())
+    tok = torch.tensor([PROMPT[:1]], device=p.device)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, kv_len), generator=gen).to(p.device)
+    model.set_kv_cache("prealloc", max_len=kv_len + 1)
+    floor = Floor(model, 1)
+    with torch.inference_mode():
+        model(prompt, use_cache=True, last_only=True)  # fills the caches with kv_len real tokens
+
+        def module_step() -> Tensor:
+            return decode_one(model, tok)
+
+        variants: dict[str, Callable[[], Tensor]] = {
+            "kvlib step (modules)": module_step,
+            "bare functional step": lambda: functional_step(model, tok, kv_len)}
+        for part in GAP_PARTS:
+            variants[f"without {part}"] = (
+                lambda part=part: functional_step(model, tok, kv_len, frozenset({part})))
+        variants["matrix products only"] = (
+            lambda: functional_step(model, tok, kv_len, frozenset(GAP_PARTS)))
+        same = torch.allclose(module_step(), functional_step(model, tok, kv_len), atol=1e-4)
+        times: dict[str, list[float]] = {k: [] for k in [*variants, "floor"]}
+        names = list(variants) + ["floor"]
+        for r in range(rounds + 3):  # 3 warm-up rounds
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                for cache in model.caches:
+                    cache.seen = kv_len
+                model.pos = kv_len
+                _sync(p.device)
+                t0 = time.perf_counter()
+                if name == "floor":
+                    floor_step(floor.mats, floor.x)
+                else:
+                    variants[name]()
+                _sync(p.device)
+                if r >= 3:
+                    times[name].append(time.perf_counter() - t0)
+    ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    n = model.cfg.n_layers
+    return {"kv_len": kv_len, "rounds": rounds, "ms": ms, "same_logits": same,
+            "ops_per_step": {"layernorm": 2 * n + 1, "gelu": n, "attention": n, "residual": 2 * n}}
 
 
 def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
@@ -1046,6 +1139,8 @@ def report(data: dict, plots_dir: str = "") -> str:
         for t in p["top"]:
             L.append(f"| `{t['op']}` | {t['calls']} | {t['self_ms']:.3f} |")
         L.append("")
+        if ov.get("gap"):
+            L += gap_text(ov["gap"], ov["model"])
 
     if data.get("compile"):
         L.append("## torch.compile\n")
@@ -1056,6 +1151,30 @@ def report(data: dict, plots_dir: str = "") -> str:
         if (Path(plots_dir or ".") / name).exists() or not plots_dir:
             L.append(f"![{title}]({name})\n")
     return "\n".join(L)
+
+
+def gap_text(g: dict, model: str) -> list[str]:
+    """The floor-gap table: each variant's step, its ratio to the floor, and for each left-out
+    kind of op what one op of it cost (time saved / ops per step)."""
+    ms, floor, bare = g["ms"], g["ms"]["floor"], g["ms"]["bare functional step"]
+    L = ["## Where the time above the floor goes\n",
+         f"`floor_gap` on {model}, prealloc, {g['kv_len']} cached tokens: kvlib's decode step, "
+         "the same step written as bare functional calls (same logits: "
+         f"{'yes' if g['same_logits'] else 'NO'}), that step without each kind of small op, "
+         f"and the floor, one after the other in {g['rounds']} rounds (medians). The matrix "
+         "products alone come within a few percent of the floor: the gap is the small ops "
+         "between them, each of which finds its code and data evicted by megabytes of weights "
+         "and costs far more than in a loop of its own.\n",
+         "| variant | step ms | / floor | saved vs bare step | ops per step | per op |",
+         "|---|---|---|---|---|---|"]
+    for name, v in ms.items():
+        part = name.removeprefix("without ")
+        n = g["ops_per_step"].get(part)
+        saved = f"{bare - v:.2f} ms" if n else ""
+        per = f"{1e3 * (bare - v) / n:.0f} us" if n else ""
+        L.append(f"| {name} | {v:.2f} | {v / floor:.3f} | {saved} | {n or ''} | {per} |")
+    L.append("")
+    return L
 
 
 # ----------------------------------------------------------------------------- plots

@@ -154,10 +154,11 @@ class PreallocCache(KVCache):
             )
         if start == 0:
             self._allocate(keys, self.max_len)
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
+        K, V = self.keys, self.values  # (B, H, max_len, D)
+        K[:, :, start:end] = keys  # write the new tokens into their slots
+        V[:, :, start:end] = values
         self.seen = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return K[:, :, :end], V[:, :, :end]  # a view of the filled part: no copy
 
 
 class SlidingWindowCache(KVCache):

@@ -72,11 +72,13 @@ def prefill(model: GPTModel, idx: Tensor) -> Tensor:
 
 def decode_one(model: GPTModel, seq: Tensor) -> Tensor:
     """Logits ``(B, vocab)`` for the token after ``seq``: feed only the newest token when the
-    caches remember the rest, else recompute the whole (cropped) sequence."""
+    caches remember the rest, else recompute the whole (cropped) sequence. With a cache the new
+    token skips the id range check: ``prefill`` checked the prompt and later tokens come from the
+    model's own vocabulary."""
     if model.caches[0].name == "none":
         model.reset_kv_cache()
         return model(seq[:, -model.cfg.context_length :], use_cache=True, last_only=True)[:, -1, :]
-    return model(seq[:, -1:], use_cache=True, last_only=True)[:, -1, :]
+    return model(seq[:, -1:], use_cache=True, last_only=True, check_ids=False)[:, -1, :]
 
 
 def _validate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None,

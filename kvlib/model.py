@@ -33,17 +33,19 @@ class CausalSelfAttention(nn.Module):
 
         window = None
         if use_cache:  # store the new keys/values; attend over what the cache returns
-            k, v = self.kv_cache.update(k, v)  # (B, H, S, D), S >= T
-            window = self.kv_cache.window
+            cache = self.kv_cache
+            k, v = cache.update(k, v)  # (B, H, S, D), S >= T
+            window = cache.window
         S = k.shape[2]
         dropout = self.dropout if self.training else 0.0
-        if T == S and (window is None or S <= window):  # plain causal attention (a prefill)
+        if (T == 1 or T == S) and (window is None or S <= window):
+            # a decode step (one query sees every key) or a prefill (plain causal): no mask work
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-        else:  # queries are the last T of S positions: None for a decode step, else a mask
+        else:  # the queries are the last T of S positions, or a window hides the oldest keys
             mask = attention_mask(T, S, window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return F.dropout(self.c_proj(y), self.dropout, self.training)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return F.dropout(y, self.dropout) if self.training else y
 
 
 class MLP(nn.Module):
@@ -55,7 +57,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-        return F.dropout(x, self.dropout, self.training)
+        return F.dropout(x, self.dropout) if self.training else x
 
 
 class Block(nn.Module):
@@ -159,13 +161,16 @@ class GPTModel(nn.Module):
     def kv_cache_nbytes(self) -> int:
         return sum(cache.nbytes for cache in self.caches)
 
-    def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
+                check_ids: bool = True) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if ``last_only``.
 
         With ``use_cache`` the tokens continue the cached ones: the first call fills the caches,
-        later calls append, and positions start at the counter ``self.pos``.
+        later calls append, and positions start at the counter ``self.pos``. ``check_ids=False``
+        skips the range check, for a loop that feeds back tokens the model itself produced.
         """
-        check_token_ids(idx, self.cfg.vocab_size)
+        if check_ids:
+            check_token_ids(idx, self.cfg.vocab_size)
         B, T = idx.shape
         start = self.pos if use_cache else 0
         if start + T > self.cfg.context_length:
@@ -176,7 +181,9 @@ class GPTModel(nn.Module):
                    else "crop the input to the last context_length tokens")
             )
         pos_emb = self.wpe.weight[start : start + T]  # (T, C): the positions are consecutive
-        x = F.dropout(self.wte(idx) + pos_emb, self.cfg.dropout, self.training)  # (B, T, C)
+        x = self.wte(idx) + pos_emb  # (B, T, C)
+        if self.training:
+            x = F.dropout(x, self.cfg.dropout)
         for block in self.h:
             x = block(x, use_cache)
         if use_cache:

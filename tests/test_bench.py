@@ -70,6 +70,12 @@ def test_json_schema(run):
     ov = data["overhead"]
     assert set(ov["twin_step_ms"]) == {"concat", "prealloc", "sliding", *bench.HF_KINDS}
     assert ov["profile"]["top"] and ov["profile"]["wall_ms"] > 0
+    gap = ov["gap"]
+    assert gap["same_logits"] and gap["ops_per_step"]["layernorm"] == 2 * 2 + 1  # tiny: 2 layers
+    assert list(gap["ms"]) == ["kvlib step (modules)", "bare functional step",
+                               *(f"without {p}" for p in bench.GAP_PARTS),
+                               "matrix products only", "floor"]
+    assert all(v > 0 for v in gap["ms"].values())
     json.dumps(data, allow_nan=True)  # plain JSON types only
 
 
@@ -140,6 +146,22 @@ def test_floor_step_is_a_chain_over_the_weights():
     assert len(f.times) == 2 and f.kv_nbytes == cfg.n_layers * 2 * 7 * cfg.emb_dim * 4
 
 
+@torch.inference_mode()
+def test_functional_step_is_the_decode_step():
+    model = make_model("gpt2", n_layers=2, emb_dim=48, n_heads=4, vocab_size=300)
+    prompt = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    tok = torch.tensor([[7], [250]])
+    model.set_kv_cache("prealloc", max_len=10)
+    model(prompt, use_cache=True)
+    want = kvlib.decode_one(model, tok)  # writes slot 9 and moves the counters to 10
+    got = bench.functional_step(model, tok, kv_len=9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model.pos == 10 and all(c.get_seq_length() == 10 for c in model.caches)
+    for part in bench.GAP_PARTS:  # each kind of op left out changes the answer, shapes stay
+        other = bench.functional_step(model, tok, 9, frozenset({part}))
+        assert other.shape == want.shape and not torch.allclose(other, want), part
+
+
 def test_hf_twin_has_identical_weights_and_tokens():
     model = make_model("tiny", seed=3)
     hf = bench.hf_twin(model)
@@ -192,6 +214,7 @@ def test_report_and_plots(run, capsys):
     text = bench.report(data, str(out))
     for needle in ("## Targets", "## Decode speed", "## Floor and floor + KV",
                    "## Cache vs no cache, per step", "## Per-step overhead", "hf-static",
+                   "## Where the time above the floor goes", "| without gelu |",
                    "No GPU on this machine", data["command"], "![Decode step latency"):
         assert needle in text, needle
     for name, _ in bench.PLOTS:
