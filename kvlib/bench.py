@@ -1162,9 +1162,9 @@ def gap_text(g: dict, model: str) -> list[str]:
          "the same step written as bare functional calls (same logits: "
          f"{'yes' if g['same_logits'] else 'NO'}), that step without each kind of small op, "
          f"and the floor, one after the other in {g['rounds']} rounds (medians). The matrix "
-         "products alone come within a few percent of the floor: the gap is the small ops "
-         "between them, each of which finds its code and data evicted by megabytes of weights "
-         "and costs far more than in a loop of its own.\n",
+         "products alone come close to the floor; the rest of the gap is the small ops between "
+         "them (per op: what leaving that kind out saved; noisy, a negative value is noise) "
+         "and the module code around them (modules vs bare step).\n",
          "| variant | step ms | / floor | saved vs bare step | ops per step | per op |",
          "|---|---|---|---|---|---|"]
     for name, v in ms.items():

@@ -124,6 +124,14 @@ def test_token_ids_out_of_vocabulary(tiny, bad):
         kvlib.generate(tiny, torch.tensor([[1, bad]]), 5, cache="concat")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50257\)"):
         tiny(torch.tensor([[bad]]))
+    tiny.set_kv_cache("prealloc", max_len=8)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 50257\)"):
+        kvlib.prefill(tiny, torch.tensor([[1, bad]]))  # decode_one then trusts the model's tokens
+
+
+def test_skipping_the_id_check_changes_nothing_else(tiny):
+    idx = torch.tensor([[5, 17, 50256]])
+    torch.testing.assert_close(tiny(idx, check_ids=False), tiny(idx), rtol=0, atol=0)
 
 
 def test_unknown_cache_name(tiny):
