@@ -1,4 +1,5 @@
-"""kvlib: GPT-2, KV-cache strategies and generation for the course "KV Cache from Scratch"."""
+"""kvlib: GPT-2 and Llama-style models, KV-cache strategies and generation for the course
+"KV Cache from Scratch"."""
 
 from .cache import (
     STRATEGIES,
@@ -9,17 +10,20 @@ from .cache import (
     SlidingWindowCache,
     attention_mask,
 )
-from .config import PRESETS, GPTConfig
-from .course import REPO_URL, environment, load_model, show_source
+from .course import REPO_URL, show_source
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
-from .model import GPTModel
+from .loading import load_model
+from .machine import environment
+from .models import PRESETS, CausalLM, GPTConfig, GPTModel
+from .timing import Stopwatch, device_sync
 from .tokenizer import EOT_ID, decode, encode, get_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "ConcatCache", "GPTConfig", "GPTModel",
-    "GenerationResult", "KVCache", "NoCache", "PreallocCache", "SlidingWindowCache", "Step",
-    "attention_mask", "decode", "decode_one", "encode", "environment", "generate",
-    "generate_stream", "get_tokenizer", "load_model", "prefill", "sample", "show_source",
+    "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache", "GPTConfig",
+    "GPTModel", "GenerationResult", "KVCache", "NoCache", "PreallocCache", "SlidingWindowCache",
+    "Step", "Stopwatch", "attention_mask", "decode", "decode_one", "device_sync", "encode",
+    "environment", "generate", "generate_stream", "get_tokenizer", "load_model", "prefill",
+    "sample", "show_source",
 ]

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import STRATEGIES
-from .config import GPTConfig
-from .generate import _sync, decode_one, generate_stream
-from .model import GPTModel
+from .models import GPTConfig
+from .generate import decode_one, generate_stream
+from .timing import device_sync as _sync
+from .models import GPTModel
 
 SCHEMA = "kvlib-bench/1"
 PROMPT = [464, 1994, 284, 3049, 5270, 318]  # "The key to fast generation is": 6 GPT-2 tokens
@@ -275,7 +276,7 @@ def hf_twin(model: GPTModel):
         from transformers import GPT2LMHeadModel
     except ImportError as e:
         raise ImportError('--compare hf needs transformers: pip install "kvlib[compare]"') from e
-    from .pretrained import hf_config, to_hf_state_dict
+    from .hf.gpt2 import hf_config, to_hf_state_dict
 
     p = next(model.parameters())
     config = hf_config(model.cfg)

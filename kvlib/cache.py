@@ -24,6 +24,7 @@ class KVCache(nn.Module):
 
     name: str = "base"
     window: int | None = None  # attention span in tokens; None = everything before
+    is_sliding: bool = False  # slots are reused: a slot's position is not its index
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,6 +46,19 @@ class KVCache(nn.Module):
     def capacity(self) -> int | None:
         """Most tokens the cache can hold at once; None when it grows without bound."""
         return None
+
+    @property
+    def tokens_held(self) -> int:
+        """Tokens whose keys and values are in the cache now."""
+        cap = self.capacity
+        return self.seen if cap is None else min(self.seen, cap)
+
+    def slot_positions(self) -> list[int]:
+        """The position of the token each slot of the key buffer holds, in slot order, -1 for a
+        slot not written yet (pictures and tests). Caches that append keep position p in slot p."""
+        keys = getattr(self, "keys", None)
+        slots = 0 if keys is None else keys.shape[2]
+        return [s if s < self.tokens_held else -1 for s in range(slots)]
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +186,7 @@ class SlidingWindowCache(KVCache):
     """
 
     name = "sliding"
+    is_sliding = True
 
     def __init__(self, window: int) -> None:
         super().__init__()
@@ -186,7 +201,7 @@ class SlidingWindowCache(KVCache):
         return self.window
 
     def slot_positions(self) -> list[int]:
-        """The position each slot holds (-1 for an empty slot), for pictures and tests."""
+        """The position each slot holds (-1 for an empty slot): slot ``p % window`` holds ``p``."""
         W, n = self.window, self.seen
         return [n - 1 - (n - 1 - s) % W if s < n else -1 for s in range(W)]
 

@@ -6,7 +6,6 @@ progress bars; ``generate`` runs it to the end and returns the tokens with the t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -14,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .cache import STRATEGIES
-from .model import GPTModel, check_token_ids
+from .models import CausalLM, check_token_ids
+from .timing import Stopwatch, tokens_per_s
 
 
 @dataclass
@@ -39,15 +39,7 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float:
         """Tokens per second per sequence over the decode steps (the prefill excluded)."""
-        return len(self.step_times) / sum(self.step_times) if self.step_times else float("nan")
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer measures the work and not just its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+        return tokens_per_s(self.step_times)
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -64,42 +56,35 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def prefill(model: GPTModel, idx: Tensor) -> Tensor:
+def prefill(model: CausalLM, idx: Tensor) -> Tensor:
     """Run the prompt ``(B, T)`` once, filling the caches; return the next-token logits."""
     model.reset_kv_cache()
     return model(idx, use_cache=True, last_only=True)[:, -1, :]  # (B, vocab)
 
 
-def decode_one(model: GPTModel, seq: Tensor) -> Tensor:
+def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     """Logits ``(B, vocab)`` for the token after ``seq``: feed only the newest token when the
     caches remember the rest, else recompute the whole (cropped) sequence. With a cache the new
     token skips the id range check: ``prefill`` checked the prompt and later tokens come from the
     model's own vocabulary."""
     if model.caches[0].name == "none":
         model.reset_kv_cache()
-        return model(seq[:, -model.cfg.context_length :], use_cache=True, last_only=True)[:, -1, :]
+        if model.hard_context:  # GPT-2 sees at most its last context_length tokens
+            seq = seq[:, -model.cfg.context_length :]
+        return model(seq, use_cache=True, last_only=True)[:, -1, :]
     return model(seq[:, -1:], use_cache=True, last_only=True, check_ids=False)[:, -1, :]
 
 
-def _validate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None,
+def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None,
               temperature: float, top_k: int | None) -> str:
     name = "none" if cache is None else cache
     if name not in STRATEGIES:
         raise ValueError(f"unknown cache {cache!r}; choose None or one of {list(STRATEGIES)[1:]}")
     check_token_ids(idx, model.cfg.vocab_size)
-    ctx, T = model.cfg.context_length, idx.shape[1]
-    if T > ctx:
-        raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: "
-                         f"keep the last {ctx} tokens, e.g. idx[:, -{ctx}:]")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if name != "none" and T + max_new_tokens > ctx:
-        raise ValueError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
-            f"tokens, but GPT-2 has {ctx} learned positions and a cache cannot go past them: "
-            f"ask for at most {ctx - T} new tokens, or use cache=None, which recomputes over the "
-            f"last {ctx} tokens"
-        )
+    if model.hard_context:
+        _check_hard_context(idx.shape[1], max_new_tokens, model.cfg.context_length, name)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -107,8 +92,23 @@ def _validate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | No
     return name
 
 
-@torch.inference_mode()  # like no_grad, minus autograd's per-tensor bookkeeping (~0.7 ms a step)
-def generate_stream(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None = None,
+def _check_hard_context(T: int, max_new_tokens: int, ctx: int, cache: str) -> None:
+    """GPT-2's learned positions end at ``ctx``: a prompt or a cached run cannot go past them.
+    (A RoPE model can; it warns once instead, see ``CausalLM.check_positions``.)"""
+    if T > ctx:
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: "
+                         f"keep the last {ctx} tokens, e.g. idx[:, -{ctx}:]")
+    if cache != "none" and T + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
+            f"tokens, but GPT-2 has {ctx} learned positions and a cache cannot go past them: "
+            f"ask for at most {ctx - T} new tokens, or use cache=None, which recomputes over the "
+            f"last {ctx} tokens"
+        )
+
+
+@torch.inference_mode()  # like no_grad, minus autograd's per-tensor bookkeeping
+def generate_stream(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None = None,
                     window: int | None = None, temperature: float = 0.0,
                     top_k: int | None = None, seed: int | None = None,
                     eos_id: int | None = None) -> Iterator[Step]:
@@ -123,24 +123,20 @@ def generate_stream(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: st
     seq = idx.new_empty(B, T + max_new_tokens)  # prompt + new tokens, written in place (no cat)
     seq[:, :T] = idx
     for i in range(max_new_tokens):
-        _sync(idx.device)
-        t0 = time.perf_counter()
-        logits = prefill(model, idx) if i == 0 else decode_one(model, seq[:, : T + i])
-        nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
-        if eos_id is not None:  # finished sequences keep emitting eos
-            nxt = nxt.masked_fill(done[:, None], eos_id)
-            done |= nxt[:, 0] == eos_id
-        _sync(idx.device)
-        seconds = time.perf_counter() - t0
+        with Stopwatch(idx.device) as sw:
+            logits = prefill(model, idx) if i == 0 else decode_one(model, seq[:, : T + i])
+            nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
+            if eos_id is not None:  # finished sequences keep emitting eos
+                nxt = nxt.masked_fill(done[:, None], eos_id)
+                done |= nxt[:, 0] == eos_id
         seq[:, T + i] = nxt[:, 0]
-        c = model.caches[0]
-        held = c.get_seq_length() if c.capacity is None else min(c.get_seq_length(), c.capacity)
-        yield Step(i, nxt[:, 0], seconds, T + i + 1, held, model.kv_cache_nbytes)
+        yield Step(i, nxt[:, 0], sw.seconds, T + i + 1, model.caches[0].tokens_held,
+                   model.kv_cache_nbytes)
         if eos_id is not None and bool(done.all()):
             break
 
 
-def generate(model: GPTModel, idx: Tensor, max_new_tokens: int, cache: str | None = None,
+def generate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None = None,
              window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, eos_id: int | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``.

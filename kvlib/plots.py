@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .generate import generate_stream
 from .memory import MODELS, ModelSpec, dtype_bytes, format_bytes, get_spec
-from .model import GPTModel
+from .models import GPTModel
 from .tokenizer import decode, encode
 
 StrategySpec = str | None | tuple[str, int]  # "concat", None (no cache), ("sliding", window)
@@ -94,15 +94,6 @@ class CacheFrame:
         return sum(p >= 0 for p in self.positions)
 
 
-def _slot_positions(cache) -> list[int]:
-    """The position held by every slot of a cache's buffer (-1 = empty)."""
-    if hasattr(cache, "slot_positions"):
-        return cache.slot_positions()
-    slots = 0 if getattr(cache, "keys", None) is None else cache.keys.shape[2]
-    n = cache.get_seq_length()
-    return [s if s < n else -1 for s in range(slots)]
-
-
 def _changed_slots(before: Tensor, after: Tensor | None) -> list[int]:
     """Slots of a (B, H, S, D) buffer whose bytes differ between two snapshots (new ones too)."""
     if after is None:
@@ -129,7 +120,7 @@ def cache_frames(model: GPTModel, prompt: str | Sequence[int] | Tensor, max_new_
     old_positions: list[int] = []
     for step in generate_stream(model, idx, max_new_tokens, cache=strategy, window=window):
         cache = model.caches[layer]
-        positions = _slot_positions(cache)
+        positions = cache.slot_positions()
         if before is None:  # a fresh buffer: its filled slots are the ones this step wrote
             written = [s for s, p in enumerate(positions) if p >= 0]
         else:

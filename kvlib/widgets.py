@@ -23,7 +23,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from torch import Tensor
 
 from .memory import DTYPE_BYTES, MODELS, ModelSpec, format_bytes
-from .model import GPTModel
+from .models import GPTModel
 from .plots import (
     CacheFrame,
     LatencyRun,

@@ -13,7 +13,7 @@ from conftest import make_model
 
 import kvlib
 from kvlib import bench
-from kvlib.pretrained import name_table
+from kvlib.hf.gpt2 import name_table
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvlib
-from kvlib.pretrained import (
+from kvlib.hf.gpt2 import (
     config_from_hf,
     from_hf_state_dict,
     from_pretrained,
@@ -56,7 +56,7 @@ def test_saved_layout_is_what_we_think(hf_dir):
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (2, 33), (2, CTX)])
 def test_logits_match_transformers(hf_dir, shape):
     path, hf = hf_dir
-    model = kvlib.GPTModel.from_pretrained(path)
+    model = kvlib.load_model(path, pretrained=True)
     assert model.cfg == kvlib.GPTConfig(vocab_size=VOCAB, context_length=CTX, emb_dim=64,
                                         n_heads=4, n_layers=2)
     assert not model.training and model.lm_head.weight is model.wte.weight
@@ -163,7 +163,7 @@ def hf_sd(hf_dir):
 
 
 def test_missing_path_and_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a known GPT-2 name.*gpt2-medium"):
+    with pytest.raises(FileNotFoundError, match="neither a known model name.*gpt2-medium"):
         from_pretrained(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors in directory.*notes\.txt"):
@@ -226,9 +226,9 @@ def test_hub_name_offline_says_how_to_use_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
     with pytest.raises(OSError, match="HF_HUB_OFFLINE is set") as err:
-        kvlib.GPTModel.from_pretrained("gpt2")
+        kvlib.load_model("gpt2", pretrained=True)
     msg = str(err.value)
-    assert "openai-community/gpt2" in msg and "from_pretrained('/path/to/model.safetensors')" in msg
+    assert "openai-community/gpt2" in msg and "load_model('/path/to/model.safetensors', pretrained=True)" in msg
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         kvlib.load_model("gpt2-medium", pretrained=True)
 
@@ -247,9 +247,9 @@ def test_hub_unreachable_says_how_to_use_a_local_file(monkeypatch):
 def test_kvlib_imports_without_the_pretrained_extra():
     code = ("import sys\n"
             "for m in ('safetensors', 'huggingface_hub', 'transformers'): sys.modules[m] = None\n"
-            "import kvlib, kvlib.pretrained\n"
+            "import kvlib, kvlib.hf.gpt2\n"
             "try:\n"
-            "    kvlib.GPTModel.from_pretrained('gpt2')\n"
+            "    kvlib.load_model('gpt2', pretrained=True)\n"
             "except ImportError as e:\n"
             "    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import PRESETS, GPTConfig
-from .model import GPTModel
+from ..models.gpt2 import GPT2_PRESETS as PRESETS
+from ..models.gpt2 import GPTConfig, GPTModel
+from .files import download, few, local_files, read_safetensors
 
 HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large",
                                                           "gpt2-xl")}
-WEIGHTS_FILE = "model.safetensors"
 
 # The one name table: kvlib name -> (HF name, is a Conv1D weight stored transposed). {i} is a layer.
 _TOP = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
@@ -99,11 +99,11 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: GPTConfig, source: str = "sta
                              f"{hf_want} for {_describe(cfg)}")
         weights[name] = tensor.t().contiguous() if transposed else tensor
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor(s) {_few(unexpected)}: not part of a GPT-2 "
+        raise ValueError(f"{source}: unexpected tensor(s) {few(unexpected)}: not part of a GPT-2 "
                          f"with {cfg.n_layers} layers (is this a GPT-2 checkpoint?)")
     missing = [table[name][0].removeprefix("transformer.") for name in table if name not in weights]
     if missing:
-        raise ValueError(f"{source}: missing tensor(s) {_few(missing)} for {_describe(cfg)}")
+        raise ValueError(f"{source}: missing tensor(s) {few(missing)} for {_describe(cfg)}")
     if head is not None and not torch.equal(head[1], weights["wte.weight"]):
         raise ValueError(f"{source}: {head[0]!r} differs from wte.weight, but kvlib ties the "
                          "output head to the token embedding, as GPT-2 does")
@@ -195,105 +195,17 @@ def from_pretrained(name_or_path: str | os.PathLike) -> GPTModel:
     path = Path(name).expanduser()
     repo = HUB_NAMES.get(name) or (name if name in HUB_NAMES.values() else None)
     if repo is not None and not path.exists():
-        file = _download(repo, WEIGHTS_FILE)
-        sd = _read_safetensors([file])
+        file = download(repo, "model.safetensors")
+        sd = read_safetensors([file])
         return from_hf_state_dict(sd, PRESETS[repo.split("/")[1]], source=f"{repo} ({file})")
-    files, config_file = _local_files(path, name)
-    sd = _read_safetensors(files)
+    files, config_file = local_files(path, name, HUB_NAMES)
+    sd = read_safetensors(files)
     source = str(files[0] if len(files) == 1 else path)
     if config_file is not None:
         cfg = config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
     else:
         cfg = config_from_shapes(sd, source=source)
     return from_hf_state_dict(sd, cfg, source=source)
-
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HOW = ("pass a hub name ({names}), a directory holding model.safetensors (+ config.json), or a "
-        ".safetensors file")
-
-
-def _local_files(path: Path, name: str) -> tuple[list[Path], Path | None]:
-    """The safetensors file(s) and the optional config.json of a local checkpoint."""
-    how = _HOW.format(names=", ".join(HUB_NAMES))
-    if path.suffix in _PICKLE_SUFFIXES or (path.is_dir() and not any(path.glob("*.safetensors*"))
-                                           and any(path.glob("*.bin"))):
-        raise ValueError(f"{name!r}: kvlib loads only safetensors, never pickled checkpoints "
-                         "(.bin/.pt run code when loaded); convert it where you trust it, e.g. "
-                         "GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, "
-                         "safe_serialization=True)")
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{name!r} is not a .safetensors file; {how}")
-        config = path.with_name("config.json")
-        return [path], config if config.is_file() else None
-    if path.is_dir():
-        config = path / "config.json"
-        config = config if config.is_file() else None
-        if (path / WEIGHTS_FILE).is_file():
-            return [path / WEIGHTS_FILE], config
-        index = path / f"{WEIGHTS_FILE}.index.json"
-        if index.is_file():  # a sharded checkpoint: weight_map names the file of every tensor
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (path / s).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} lists shard(s) {missing}, not found in {path}")
-            return [path / s for s in shards], config
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in directory {str(path)!r} (it holds "
-                                f"{found or 'nothing'}); {how}")
-    raise FileNotFoundError(f"{name!r} is neither a known GPT-2 name nor an existing file or "
-                            f"directory; {how}")
-
-
-def _read_safetensors(files: list[Path | str]) -> dict[str, Tensor]:
-    """Every tensor of the given safetensors files (no pickle involved), on the CPU."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError as e:
-        raise ImportError('loading GPT-2 weights needs safetensors: pip install "kvlib[pretrained]"'
-                          ) from e
-    sd: dict[str, Tensor] = {}
-    for file in files:
-        try:
-            sd.update(load_file(file, device="cpu"))
-        except Exception as e:  # SafetensorError for a truncated or foreign file
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-    return sd
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, when imported)."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE")
-    if flag is None:
-        return constants.HF_HUB_OFFLINE
-    return flag.upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _download(repo: str, filename: str) -> str:
-    """The path of ``repo``'s ``filename`` in huggingface_hub's cache (fetched if need be)."""
-    try:
-        from huggingface_hub import constants, hf_hub_download
-    except ImportError as e:
-        raise ImportError('downloading GPT-2 weights needs huggingface_hub: '
-                          'pip install "kvlib[pretrained]"') from e
-    offline = _hub_offline()
-    try:
-        return hf_hub_download(repo, filename, local_files_only=offline)
-    except Exception as e:  # offline, unreachable, not cached, gated, ...: all end the same way
-        why = ("HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else
-               "the hub could not be reached and it is not in the hub cache")
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise OSError(
-            f"could not get {filename} of {repo}: {why} {constants.HF_HUB_CACHE} "
-            f"({type(e).__name__}: {first_line})\n"
-            f"To load it without the hub, download https://huggingface.co/{repo}/resolve/main/"
-            f"{filename} (and config.json) on a machine with internet, then pass the file or its "
-            f"directory: GPTModel.from_pretrained('/path/to/{filename}'). Or copy a hub cache "
-            "that holds it to this machine and point HF_HUB_CACHE at it."
-        ) from e
 
 
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -306,8 +218,3 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 def _describe(cfg: GPTConfig) -> str:
     return (f"a GPT-2 with emb_dim={cfg.emb_dim}, n_layers={cfg.n_layers}, "
             f"vocab_size={cfg.vocab_size}, context_length={cfg.context_length}")
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,25 @@
+"""The model families kvlib runs, and one table of named presets across them.
+
+| family | file | positions | attention |
+|---|---|---|---|
+| GPT-2 | ``gpt2.py`` | learned, a hard limit | multi-head, fused QKV with bias |
+| Llama 3 / Qwen3 | ``llama.py`` | RoPE | grouped-query, optional QK-norm |
+"""
+
+from __future__ import annotations
+
+from .base import CachedAttention, CausalLM, attend, check_token_ids
+from .gpt2 import GPT2_PRESETS, GPTConfig, GPTModel
+
+PRESETS: dict[str, object] = {**GPT2_PRESETS}
+
+
+def build_model(cfg) -> CausalLM:
+    """A randomly initialised model of the family that ``cfg`` describes."""
+    if isinstance(cfg, GPTConfig):
+        return GPTModel(cfg)
+    raise TypeError(f"no kvlib model family takes a {type(cfg).__name__}")
+
+
+__all__ = ["GPT2_PRESETS", "PRESETS", "CachedAttention", "CausalLM", "GPTConfig", "GPTModel",
+           "attend", "build_model", "check_token_ids"]

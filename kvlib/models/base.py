@@ -1,0 +1,156 @@
+"""What every kvlib model shares: the cache plumbing, cached attention and the id check.
+
+A model family (``gpt2.py``, ``llama.py``) writes its own blocks and ``forward``; it inherits
+``set_kv_cache``, ``reset_kv_cache``, ``caches`` and ``kv_cache_nbytes`` from ``CausalLM``, and every
+attention layer calls ``attend`` with its queries, keys and values, so each cache strategy works
+with each family unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import STRATEGIES, ConcatCache, KVCache, attention_mask
+
+
+class CachedAttention(nn.Module):
+    """Base of every attention layer: it owns one cache, ``self.kv_cache``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv_cache: KVCache = ConcatCache()  # this layer's keys and values; see kvlib.cache
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: float = 0.0
+           ) -> Tensor:
+    """Causal attention of the new queries ``(B, H, T, D)`` over the cache and the new keys.
+
+    ``k`` and ``v`` are the new tokens' ``(B, H_kv, T, D)``; ``H_kv`` may divide ``H`` (grouped-query
+    attention: every ``H / H_kv`` query heads share one key/value head). With a ``cache`` the new
+    keys and values are stored first and attention runs over what ``cache.update`` returns.
+    """
+    window = None
+    if cache is not None:
+        k, v = cache.update(k, v)  # (B, H_kv, S, D), S >= T
+        window = cache.window
+    B, H, T, D = q.shape
+    S, H_kv = k.shape[2], k.shape[1]
+    if T == 1 and H_kv != H and (window is None or S <= window):
+        # A GQA decode step: the group's queries become rows of one query block per kv head, so
+        # the shared keys are read as they lie, never repeated: (B, H_kv, G, D) against S keys.
+        y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v,
+                                           dropout_p=dropout)
+        return y.view(B, H, 1, D)
+    gqa = H_kv != H
+    if (T == 1 or T == S) and (window is None or S <= window):
+        # a decode step (one query sees every key) or a prefill (plain causal): no mask work
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1,
+                                              enable_gqa=gqa)
+    # the queries are the last T of S positions, or a window hides the oldest keys
+    mask = attention_mask(T, S, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          enable_gqa=gqa)
+
+
+class CausalLM(nn.Module):
+    """The cache plumbing of a decoder-only model: one cache per attention layer, a position
+    counter ``self.pos``, and the checks that a chosen strategy fits the model.
+
+    ``hard_context`` says whether ``cfg.context_length`` is a wall (GPT-2's learned positions end
+    there) or only the length the model was trained on (RoPE: positions go on, quality may not).
+    """
+
+    hard_context: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = 0  # position counter: where the next token goes after the cached ones
+        self._warned_past_context = False
+
+    @property
+    def attention_layers(self) -> list[CachedAttention]:
+        """Every attention layer, in order (found once: a decode step asks for them each time)."""
+        found = self.__dict__.get("_attention_layers")
+        if found is None:
+            found = [m for m in self.modules() if isinstance(m, CachedAttention)]
+            self.__dict__["_attention_layers"] = found
+        return found
+
+    @property
+    def caches(self) -> list[KVCache]:
+        return [layer.kv_cache for layer in self.attention_layers]
+
+    def set_kv_cache(self, strategy: str = "concat", *, max_len: int | None = None,
+                     window: int | None = None, **options) -> None:
+        """Give every attention layer a fresh cache of one strategy (see ``kvlib.cache``).
+
+        ``max_len`` sizes "prealloc" (default: the context length); ``window`` is required by
+        "sliding" and optional for "none" (a no-cache model masked to the same window).
+        """
+        ctx = self.cfg.context_length
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown cache {strategy!r}; choose one of {list(STRATEGIES)}")
+        if window is not None and not 0 < window <= ctx:
+            raise ValueError(
+                f"window must be between 1 and the context length ({ctx} tokens), got {window}"
+            )
+        if strategy == "sliding" and window is None:
+            raise ValueError("the sliding cache needs a window, e.g. window=256")
+        if strategy in ("concat", "prealloc") and window is not None:
+            raise ValueError(f"window applies to 'sliding' (or 'none'), not {strategy!r}")
+        kwargs = {"none": {"window": window}, "concat": {}, "sliding": {"window": window},
+                  "prealloc": {"max_len": max_len or ctx}}[strategy]
+        p = next(self.parameters())
+        for layer in self.attention_layers:
+            layer.kv_cache = STRATEGIES[strategy](**kwargs, **options).to(p.device)
+        self.pos = 0
+
+    def reset_kv_cache(self) -> None:
+        """Forget every cached token in every layer and restart the position counter."""
+        for cache in self.caches:
+            cache.reset()
+        self.pos = 0
+
+    @property
+    def kv_cache_nbytes(self) -> int:
+        return sum(cache.nbytes for cache in self.caches)
+
+    def check_positions(self, start: int, T: int, use_cache: bool) -> None:
+        """An error past a hard context (GPT-2), a warning, once, past a soft one (RoPE)."""
+        ctx = self.cfg.context_length
+        if start + T <= ctx:
+            return
+        if self.hard_context:
+            raise ValueError(
+                f"GPT-2 has {ctx} learned positions but this call needs positions "
+                f"{start}..{start + T - 1}: "
+                + ("call model.reset_kv_cache() or generate fewer tokens" if use_cache and start
+                   else "crop the input to the last context_length tokens")
+            )
+        if not self._warned_past_context:
+            self._warned_past_context = True
+            warnings.warn(
+                f"position {start + T - 1} is past the {ctx} tokens this model was trained on: "
+                "RoPE keeps rotating, so nothing breaks, but quality usually drops there "
+                "(a sliding window or attention sinks keep the positions the model knows)",
+                stacklevel=3,
+            )
+
+
+def check_token_ids(idx: Tensor, vocab_size: int) -> None:
+    """Raise a clear error for ids that are not a ``(batch, tokens)`` integer tensor in range."""
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"token ids must be a torch tensor, got {type(idx).__name__}; "
+                        "use torch.tensor([ids])")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers (torch.long), got {idx.dtype}")
+    if idx.dim() != 2 or idx.numel() == 0:
+        raise ValueError(f"token ids must have shape (batch, tokens) with at least one token, "
+                         f"got shape {tuple(idx.shape)}")
+    lo, hi = (int(t) for t in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values from {lo} to {hi}")
