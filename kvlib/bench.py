@@ -40,10 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import STRATEGIES
-from .models import GPTConfig
 from .generate import decode_one, generate_stream
+from .models import GPTConfig, GPTModel
 from .timing import device_sync as _sync
-from .models import GPTModel
 
 SCHEMA = "kvlib-bench/1"
 PROMPT = [464, 1994, 284, 3049, 5270, 318]  # "The key to fast generation is": 6 GPT-2 tokens

@@ -228,7 +228,8 @@ def test_hub_name_offline_says_how_to_use_a_local_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="HF_HUB_OFFLINE is set") as err:
         kvlib.load_model("gpt2", pretrained=True)
     msg = str(err.value)
-    assert "openai-community/gpt2" in msg and "load_model('/path/to/model.safetensors', pretrained=True)" in msg
+    assert "openai-community/gpt2" in msg
+    assert "load_model('/path/to/model.safetensors', pretrained=True)" in msg
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         kvlib.load_model("gpt2-medium", pretrained=True)
 

@@ -100,9 +100,9 @@ def download(repo: str, filename: str) -> str:
             f"could not get {filename} of {repo}: {why} {constants.HF_HUB_CACHE} "
             f"({type(e).__name__}: {first_line})\n"
             f"To load it without the hub, download https://huggingface.co/{repo}/resolve/main/"
-            f"{filename} (and config.json) on a machine with internet, then pass the file or its "
-            f"directory: kvlib.load_model('/path/to/{filename}', pretrained=True). Or copy a hub cache "
-            "that holds it to this machine and point HF_HUB_CACHE at it."
+            f"{filename} (and config.json) on a machine with internet, then pass the file or "
+            f"its directory: kvlib.load_model('/path/to/{filename}', pretrained=True). Or copy a "
+            "hub cache that holds it to this machine and point HF_HUB_CACHE at it."
         ) from e
 
 

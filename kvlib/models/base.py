@@ -1,9 +1,9 @@
 """What every kvlib model shares: the cache plumbing, cached attention and the id check.
 
 A model family (``gpt2.py``, ``llama.py``) writes its own blocks and ``forward``; it inherits
-``set_kv_cache``, ``reset_kv_cache``, ``caches`` and ``kv_cache_nbytes`` from ``CausalLM``, and every
-attention layer calls ``attend`` with its queries, keys and values, so each cache strategy works
-with each family unchanged.
+``set_kv_cache``, ``reset_kv_cache``, ``caches`` and ``kv_cache_nbytes`` from ``CausalLM``, and
+every attention layer calls ``attend`` with its queries, keys and values, so each cache strategy
+works with each family unchanged.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
            ) -> Tensor:
     """Causal attention of the new queries ``(B, H, T, D)`` over the cache and the new keys.
 
-    ``k`` and ``v`` are the new tokens' ``(B, H_kv, T, D)``; ``H_kv`` may divide ``H`` (grouped-query
-    attention: every ``H / H_kv`` query heads share one key/value head). With a ``cache`` the new
-    keys and values are stored first and attention runs over what ``cache.update`` returns.
+    ``k`` and ``v`` are the new tokens' ``(B, H_kv, T, D)``; ``H_kv`` may divide ``H``
+    (grouped-query attention: every ``H / H_kv`` query heads share one key/value head). With a
+    ``cache`` the new keys and values are stored first and attention runs over what
+    ``cache.update`` returns.
     """
     window = None
     if cache is not None:
