@@ -29,29 +29,16 @@ from torch import Tensor
 from .generate import generate_stream
 from .memory import MODELS, ModelSpec, dtype_bytes, format_bytes, get_spec
 from .models import GPTModel
+from .style import COLORS, strategy_label
 from .tokenizer import decode, encode
 
 StrategySpec = str | None | tuple[str, int]  # "concat", None (no cache), ("sliding", window)
-
-COLORS = {
-    "none": "#7f7f7f", "concat": "#1f77b4", "prealloc": "#2ca02c", "sliding": "#9467bd",
-    "filled": "#aec7e8", "overwritten": "#ffbb78", "empty": "#eeeeee", "written": "#d62728",
-    "evicted": "#dddddd",
-}
-
 
 class PlotFigure(Figure):
     """A matplotlib Figure that a notebook shows as a PNG by itself (pyplot not needed)."""
 
     def _repr_png_(self) -> bytes:
         return figure_png(self, dpi=100, colors=None)
-
-
-def strategy_label(strategy: str | None, window: int | None = None) -> str:
-    """The name a strategy gets in legends and menus: "no cache", "concat", "sliding (window 8)"."""
-    if strategy in (None, "none"):
-        return "no cache" if window is None else f"no cache (window {window})"
-    return f"{strategy} (window {window})" if strategy == "sliding" else strategy
 
 
 def _split(spec: StrategySpec, window: int | None = None) -> tuple[str | None, int | None]:

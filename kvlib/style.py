@@ -1,0 +1,27 @@
+"""One palette and one spelling for every picture and table: a strategy has the same colour and
+the same name in the chapters' plots, the widgets and the benchmark figures."""
+
+from __future__ import annotations
+
+NO_CACHE = "no cache"  # how "none" / None is spelled for a reader
+
+COLORS = {
+    # cache strategies (kvlib) and the reference implementations they are measured against
+    "none": "#7f7f7f", "concat": "#1f77b4", "prealloc": "#2ca02c", "sliding": "#9467bd",
+    "hf-dynamic": "#ff7f0e", "hf-static": "#8c564b", "floor": "#000000",
+    # cache pictures: what a slot holds
+    "filled": "#aec7e8", "overwritten": "#ffbb78", "empty": "#eeeeee", "written": "#d62728",
+    "evicted": "#dddddd",
+}
+
+
+def strategy_color(strategy: str | None) -> str:
+    """The colour of a strategy (None and "none" are the no-cache baseline)."""
+    return COLORS.get("none" if strategy is None else strategy, "#17becf")
+
+
+def strategy_label(strategy: str | None, window: int | None = None) -> str:
+    """The name a strategy gets in legends and menus: "no cache", "concat", "sliding (window 8)"."""
+    if strategy in (None, "none"):
+        return NO_CACHE if window is None else f"{NO_CACHE} (window {window})"
+    return f"{strategy} (window {window})" if strategy == "sliding" else strategy
