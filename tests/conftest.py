@@ -14,19 +14,26 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _shared.is_dir():
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTModel:
+def _make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTModel:
     torch.manual_seed(seed)
     return kvlib.GPTModel(kvlib.GPTConfig.from_preset(preset, **overrides)).eval()
 
 
 @pytest.fixture(scope="session")
+def make_model():
+    """A factory: ``make_model(preset="tiny", seed=0, **config_overrides)``, a fresh GPT-2-family
+    model in eval mode, for tests that change the model they get."""
+    return _make_model
+
+
+@pytest.fixture(scope="session")
 def tiny() -> kvlib.GPTModel:
-    return make_model("tiny")
+    return _make_model("tiny")
 
 
 @pytest.fixture(scope="session")
 def gpt2() -> kvlib.GPTModel:
-    return make_model("gpt2", seed=123)
+    return _make_model("gpt2", seed=123)
 
 
 @pytest.fixture(scope="module")

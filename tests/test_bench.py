@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import _make_model as make_model
 
 import kvlib
 from kvlib import bench

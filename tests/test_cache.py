@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import make_model
 
 import kvlib
 
@@ -138,7 +137,7 @@ def test_sliding_slots_turn_over():
 # --- buffers, reset, memory ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy,window", [("concat", None), ("prealloc", None), ("sliding", 8)])
-def test_state_dict_never_holds_cache(strategy, window):
+def test_state_dict_never_holds_cache(make_model, strategy, window):
     model = make_model()
     keys_before = set(model.state_dict())
     assert not any("kv_cache" in k for k in keys_before)
@@ -149,7 +148,7 @@ def test_state_dict_never_holds_cache(strategy, window):
     assert names and all("kv_cache" in n for n in names)
 
 
-def test_reset_gives_same_result_as_fresh_model():
+def test_reset_gives_same_result_as_fresh_model(make_model):
     prompt_a = torch.tensor([[10, 20, 30, 40]])
     prompt_b = torch.tensor([[7, 8, 9]])
     used = make_model()
@@ -213,7 +212,7 @@ def test_concat_grows_one_token_per_step_and_sliding_stays_flat(tiny):
 
 # --- devices and dtypes -------------------------------------------------------------------------
 
-def test_bfloat16_on_cpu_and_caches_follow_dtype():
+def test_bfloat16_on_cpu_and_caches_follow_dtype(make_model):
     model = make_model().to(torch.bfloat16)
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
     ref = kvlib.generate(model, prompt, 30)
@@ -234,7 +233,7 @@ def test_bfloat16_on_cpu_and_caches_follow_dtype():
     pytest.param("mps", marks=pytest.mark.skipif(not torch.backends.mps.is_available(),
                                                  reason="no MPS")),
 ])
-def test_accelerator_matches_cpu(device):
+def test_accelerator_matches_cpu(make_model, device):
     model = make_model().to(device)
     prompt = torch.tensor([[1, 2, 3, 4]], device=device)
     ref = kvlib.generate(model, prompt, 40)
@@ -243,3 +242,44 @@ def test_accelerator_matches_cpu(device):
         assert out.tokens.device.type == device
         assert all(c.keys.device.type == device for c in model.caches)
         assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_prealloc_full(tiny):
+    tiny.set_kv_cache("prealloc", max_len=4)
+    with torch.no_grad():
+        tiny(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
+        with pytest.raises(RuntimeError, match=r"PreallocCache is full: it holds 4 of 4.*max_len"):
+            tiny(torch.tensor([[5]]), use_cache=True)
+
+
+@pytest.mark.parametrize("strategy,window", [("concat", None), ("prealloc", None), ("sliding", 8)])
+def test_batch_size_changes_without_reset(tiny, strategy, window):
+    tiny.set_kv_cache(strategy, window=window)
+    with torch.no_grad():
+        tiny(torch.tensor([[1, 2], [3, 4]]), use_cache=True)
+        with pytest.raises(ValueError, match=r"batch size 2.*reset_kv_cache.* before a new batch"):
+            tiny(torch.tensor([[5]]), use_cache=True)
+        tiny.reset_kv_cache()
+        tiny(torch.tensor([[5]]), use_cache=True)  # after a reset a new batch size is fine
+
+
+@pytest.mark.parametrize("cls,kw", [(kvlib.ConcatCache, {}), (kvlib.PreallocCache, {"max_len": 8}),
+                                    (kvlib.SlidingWindowCache, {"window": 4})])
+def test_keys_of_wrong_dtype_or_device(cls, kw):
+    cache = cls(**kw)
+    k = torch.zeros(1, 2, 3, 4)
+    cache.update(k, k)
+    bad = k[:, :, :1].to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"bfloat16 on cpu but the cache holds torch.float32"):
+        cache.update(bad, bad)
+    if torch.device("meta") != k.device:
+        meta = torch.zeros(1, 2, 1, 4, device="meta")
+        with pytest.raises(TypeError, match="on meta but the cache holds"):
+            cache.update(meta, meta)
+    with pytest.raises(ValueError, match="same shape"):
+        cache.update(k, k[:, :1])
+
+
+def test_prealloc_max_len_not_positive():
+    with pytest.raises(ValueError, match="max_len must be a positive"):
+        kvlib.PreallocCache(0)

@@ -1,36 +1,11 @@
-"""Generation pieces: sampling, the stream, eos, the tokenizer, the model's shape."""
+"""Generation pieces: sampling, the stream, eos, and clear errors for bad arguments."""
 
+import pytest
 import torch
-from conftest import make_model
 
 import kvlib
 
-
-def test_config_presets():
-    sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 16, 24), "gpt2-large": (1280, 20, 36),
-             "gpt2-xl": (1600, 25, 48)}
-    for name, (d, h, n) in sizes.items():
-        cfg = kvlib.GPTConfig.from_preset(name)
-        assert (cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (d, h, n)
-        assert cfg.vocab_size == 50257 and cfg.context_length == 1024 and cfg.qkv_bias
-    assert kvlib.GPTConfig.from_preset("tiny", n_layers=3).n_layers == 3
-
-
-def test_gpt2_parameter_count_and_tied_head(gpt2):
-    n = sum(p.numel() for p in gpt2.parameters())  # tied head counted once
-    assert n == 124_439_808  # the published GPT-2 small count
-    assert gpt2.lm_head.weight is gpt2.wte.weight
-    assert "lm_head.weight" in gpt2.state_dict()
-    assert gpt2.h[0].ln_1.eps == 1e-5
-
-
-def test_last_only_logits(tiny):
-    idx = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        full = tiny(idx)
-        last = tiny(idx, last_only=True)
-    assert last.shape == (1, 1, tiny.cfg.vocab_size)
-    torch.testing.assert_close(last[:, 0], full[:, -1])
+P = torch.tensor([[1, 2, 3]])
 
 
 def test_sample_greedy_temperature_top_k():
@@ -82,17 +57,49 @@ def test_zero_new_tokens(tiny):
     assert torch.equal(out.tokens, p) and out.step_times == []
 
 
-def test_tokenizer_round_trip():
-    text = "Hello, I am a language model.<|endoftext|>"
-    ids = kvlib.encode(text)
-    assert ids[:2] == [15496, 11] and ids[-1] == kvlib.EOT_ID
-    assert kvlib.decode(ids) == text
+def test_empty_prompt(tiny):
+    with pytest.raises(ValueError, match="at least one token"):
+        kvlib.generate(tiny, torch.zeros((1, 0), dtype=torch.long), 5)
 
 
-def test_training_mode_dropout_does_not_break_cache():
-    model = make_model(dropout=0.1)
-    model.train()
-    with torch.no_grad():
-        a = model(torch.tensor([[1, 2, 3]]))
-    model.eval()
-    assert a.shape == (1, 3, 50257)
+def test_prompt_longer_than_context(tiny):
+    long = torch.ones((1, tiny.cfg.context_length + 1), dtype=torch.long)
+    for cache in (None, "concat"):
+        with pytest.raises(ValueError, match=r"context is 256: keep the last 256 tokens"):
+            kvlib.generate(tiny, long, 5, cache=cache)
+    with pytest.raises(ValueError, match="crop the input"):
+        tiny(long)
+
+
+def test_cache_cannot_pass_learned_positions(tiny):
+    ctx = tiny.cfg.context_length
+    for cache, window in [("concat", None), ("prealloc", None), ("sliding", 8)]:
+        with pytest.raises(ValueError, match=rf"learned positions.*at most {ctx - 3} new tokens"):
+            kvlib.generate(tiny, P, ctx, cache=cache, window=window)
+    out = kvlib.generate(tiny, P, ctx - 3, cache="concat")  # exactly up to the limit is fine
+    assert out.tokens.shape == (1, ctx)
+    out = kvlib.generate(tiny, P, ctx + 10)  # no cache: the input is cropped, as GPT-2 allows
+    assert out.tokens.shape == (1, ctx + 13)
+
+
+def test_temperature_negative(tiny):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        kvlib.generate(tiny, P, 5, temperature=-0.5)
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_not_positive(tiny, top_k):
+    with pytest.raises(ValueError, match="top_k must be a positive"):
+        kvlib.generate(tiny, P, 5, temperature=1.0, top_k=top_k)
+
+
+def test_unknown_cache_name(tiny):
+    with pytest.raises(ValueError, match=r"unknown cache 'paged'; choose None or one of"):
+        kvlib.generate(tiny, P, 5, cache="paged")
+    with pytest.raises(ValueError, match="unknown cache 'paged'"):
+        tiny.set_kv_cache("paged")
+
+
+def test_negative_max_new_tokens(tiny):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        kvlib.generate(tiny, P, -1)

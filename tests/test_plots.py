@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import _make_model as make_model
 from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 
