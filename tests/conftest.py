@@ -39,6 +39,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def prompt() -> str:
+    """The prompt the pictures' tests generate from (5 tokens)."""
+    return "The cache keeps the keys"
+
+
 @pytest.fixture
 def reader_model() -> kvlib.GPTModel:
     """A fresh tiny model as a reader leaves it between two cells: sliding caches that hold the
