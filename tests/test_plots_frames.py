@@ -98,3 +98,13 @@ def test_frames_hand_the_model_back(reader_model, left_as_found, prompt):
     with pytest.raises(IndexError):  # fails after the first step has swapped the caches in
         cache_frames(reader_model, prompt, 4, "concat", layer=5)
     check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_frames_of_a_gpu_model_from_a_text_prompt(tiny, reader_model, left_as_found, prompt):
+    model = reader_model.to("cuda")  # the prompt's ids follow the model to its device
+    check = left_as_found(model)
+    frames = cache_frames(model, prompt, 4, "sliding", window=2)
+    check()
+    assert [f.positions for f in frames] == [
+        f.positions for f in cache_frames(tiny, prompt, 4, "sliding", window=2)]
