@@ -12,6 +12,11 @@ COLORS = {
     # cache pictures: what a slot holds
     "filled": "#aec7e8", "overwritten": "#ffbb78", "empty": "#eeeeee", "written": "#d62728",
     "evicted": "#dddddd",
+    # cache pictures: outlines, the line from a slot to its position, the current-step marker
+    "outline": "#555555", "outline-evicted": "#b0b0b0", "outline-unallocated": "#bbbbbb",
+    "outline-future": "#cccccc", "slot-link": "#aaaaaa", "step-marker": "#999999",
+    # memory pictures
+    "weights": "#7f7f7f", "cache-without-gqa": "#c5b0d5", "context-limit": "#bbbbbb",
 }
 
 

@@ -2,11 +2,14 @@
 calculator.
 
 Every widget wraps a plain function of ``kvlib.plots`` and shows its figure as a PNG ``Image``
-widget, so the picture is part of the widget state that a notebook saves. The cache explorer
-renders all its frames up front and links its slider to the visible frame in the browser
-(``jslink`` to a ``Stack``), so it can be scrubbed in a static page without a kernel. Works with
-ipywidgets 8; with ipywidgets 7 (no ``Stack``, e.g. older Colab) the explorer switches frames from
-Python instead, which needs the kernel.
+widget, so the picture is part of the widget state that a notebook saves. Those functions hand
+the reader's model back as they found it (its own cache objects, position counter, training
+flags, dtype and device), so a widget never changes the model behind the reader's back.
+
+The cache explorer renders all its frames up front and links its slider to the visible frame in
+the browser (``jslink`` to a ``Stack``), so it can be scrubbed in a static page without a kernel.
+Works with ipywidgets 8; with ipywidgets 7 (no ``Stack``, e.g. older Colab) the explorer switches
+frames from Python instead, which needs the kernel.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("kvlib.widgets needs ipywidgets: pip install ipywidgets "
                       "(or pip install 'kvlib[widgets]')") from err
-from torch import Tensor
 
 from .memory import DTYPE_BYTES, MODELS, ModelSpec, format_bytes
-from .models import GPTModel
+from .models import CausalLM
 from .plots import (
     CacheFrame,
     LatencyRun,
+    Prompt,
     StrategySpec,
     cache_frames_for,
     cache_state_pngs,
@@ -34,7 +37,7 @@ from .plots import (
     measure_latency,
     plot_latency,
     plot_memory,
-    strategy_label,
+    spec_label,
 )
 
 HAS_STACK = hasattr(widgets, "Stack")  # ipywidgets >= 8: switch frames in the browser
@@ -52,13 +55,12 @@ class CacheExplorer(widgets.VBox):
     """Step through one layer's cache for several strategies: a strategy menu, a step slider with
     a Play button, and the picture of ``plot_cache_state`` for that step.
 
-    All frames are rendered when the explorer is made (about 0.1 s of CPU and 10-15 KB of PNG
-    each; keep ``len(strategies) * max_new_tokens`` near 40 or below). With ipywidgets 8 the
-    slider and menu are linked to the shown frame in the browser, so the explorer works in the
-    static book.
+    All frames are rendered when the explorer is made (10-15 KB of PNG each; keep
+    ``len(strategies) * max_new_tokens`` near 40 or below). With ipywidgets 8 the slider and menu
+    are linked to the shown frame in the browser, so the explorer works in the static book.
     """
 
-    def __init__(self, model: GPTModel, prompt: str | Sequence[int] | Tensor = "The cache keeps",
+    def __init__(self, model: CausalLM, prompt: Prompt = "The cache keeps",
                  max_new_tokens: int = 16,
                  strategies: Sequence[StrategySpec] = ("concat", "prealloc", ("sliding", 8)),
                  layer: int = 0, interval_ms: int = 700, client_side: bool | None = None,
@@ -79,20 +81,28 @@ class CacheExplorer(widgets.VBox):
         self.slider = widgets.IntSlider(value=0, min=0, max=n - 1, description="step",
                                         continuous_update=True)
         self.links = [widgets.jslink((self.play, "value"), (self.slider, "value"))]
-        if self.client_side:  # every frame is an Image in a Stack; the browser picks one
-            self.stacks = [widgets.Stack([_image(p) for p in self.pngs[label]], selected_index=0)
-                           for label in self.labels]
-            self.view = widgets.Stack(self.stacks, selected_index=0)
-            self.links.append(widgets.jslink((self.strategy, "index"),
-                                             (self.view, "selected_index")))
-            self.links += [widgets.jslink((self.slider, "value"), (s, "selected_index"))
-                           for s in self.stacks]
-        else:  # ipywidgets 7: one Image whose picture Python swaps
-            self.view = _image(self.pngs[self.labels[0]][0])
-            self.slider.observe(self._show, names="value")
-            self.strategy.observe(self._show, names="value")
+        if self.client_side:
+            self._link_frames_in_the_browser()
+        else:
+            self._switch_frames_in_python()
         super().__init__([widgets.HBox([self.strategy, self.play, self.slider]), self.view])
         self.add_class("kvlib-explorer")
+
+    def _link_frames_in_the_browser(self) -> None:
+        """Every frame is an Image in a Stack per strategy; the slider and the menu pick one."""
+        self.stacks = [widgets.Stack([_image(p) for p in self.pngs[label]], selected_index=0)
+                       for label in self.labels]
+        self.view = widgets.Stack(self.stacks, selected_index=0)
+        self.links.append(widgets.jslink((self.strategy, "index"),
+                                         (self.view, "selected_index")))
+        self.links += [widgets.jslink((self.slider, "value"), (s, "selected_index"))
+                       for s in self.stacks]
+
+    def _switch_frames_in_python(self) -> None:
+        """ipywidgets 7: one Image whose picture Python swaps when the slider or menu moves."""
+        self.view = _image(self.pngs[self.labels[0]][0])
+        self.slider.observe(self._show, names="value")
+        self.strategy.observe(self._show, names="value")
 
     def __repr__(self) -> str:  # the text a notebook shows where widgets cannot render
         steps = len(self.runs[self.labels[0]])
@@ -124,16 +134,14 @@ class LatencyMonitor(widgets.VBox):
     notebook cell uses to leave the finished picture in the saved page.
     """
 
-    def __init__(self, model: GPTModel, prompt: str | Sequence[int] | Tensor = "The cache keeps",
+    def __init__(self, model: CausalLM, prompt: Prompt = "The cache keeps",
                  max_new_tokens: int = 100,
                  strategies: Sequence[StrategySpec] = (None, "concat", "prealloc"),
                  selected: Sequence[StrategySpec] | None = None, update_every: int = 10,
                  dpi: int = 72) -> None:
         self.model, self.prompt, self.update_every, self.dpi = model, prompt, update_every, dpi
-        self.specs = {strategy_label(*(s if isinstance(s, tuple) else (s, None))): s
-                      for s in strategies}
-        chosen = set(self.specs) if selected is None else {
-            strategy_label(*(s if isinstance(s, tuple) else (s, None))) for s in selected}
+        self.specs = {spec_label(s): s for s in strategies}
+        chosen = set(self.specs) if selected is None else {spec_label(s) for s in selected}
         self.checks = {label: widgets.Checkbox(value=label in chosen, description=label,
                                                indent=False,
                                                layout=widgets.Layout(width="auto"))
@@ -232,6 +240,7 @@ class MemoryCalculator(widgets.VBox):
     def __init__(self, model: str = "llama-3-8b", context: int = 8192, batch: int = 1,
                  dtype: str = "bfloat16", dpi: int = 72) -> None:
         self.dpi = dpi
+        self._quiet = False  # True while a preset fills the fields: update once, at the end
         spec = MODELS[model]
         style = {"description_width": "80px"}
         self.model = widgets.Dropdown(options=[*MODELS, "custom"], value=model,
@@ -294,7 +303,7 @@ class MemoryCalculator(widgets.VBox):
 
     def update(self, change=None) -> None:
         """Recompute the numbers and the picture from the controls."""
-        if getattr(self, "_quiet", False):
+        if self._quiet:
             return
         s, t, b, d = self.spec(), self.context.value, self.batch.value, self.dtype.value
         self.cache_bytes = s.cache_bytes(t, b, d)

@@ -44,3 +44,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prompt() -> str:
+    """The prompt the pictures' tests generate from (5 tokens)."""
+    return "The cache keeps the keys"
+
+
+@pytest.fixture
+def reader_model() -> kvlib.GPTModel:
+    """A fresh tiny model as a reader leaves it between two cells: sliding caches that hold the
+    reader's tokens (the ring has wrapped), the position counter past them, in training mode."""
+    model = _make_model("tiny")
+    kvlib.generate(model, torch.tensor([kvlib.encode("The reader's own text")]), 6,
+                   cache="sliding", window=4)
+    model.train()
+    return model
+
+
+def _same_bytes(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture(scope="session")
+def left_as_found():
+    """``check = left_as_found(model)`` before lending the model out, ``check()`` after: every
+    layer holds the same cache object (``is``) with the same tokens and bytes, and the position
+    counter, training flags, dtype and device are what they were."""
+
+    def note(model: kvlib.CausalLM):
+        caches = list(model.caches)
+        lengths = [c.get_seq_length() for c in caches]
+        buffers = [{n: b.clone() for n, b in c.named_buffers()} for c in caches]
+        pos, training = model.pos, [m.training for m in model.modules()]
+        first = next(model.parameters())
+        dtype, device = first.dtype, first.device
+
+        def check() -> None:
+            assert all(now is then for now, then in zip(model.caches, caches, strict=True))
+            assert [c.get_seq_length() for c in model.caches] == lengths
+            for cache, held in zip(model.caches, buffers, strict=True):
+                now = dict(cache.named_buffers())
+                assert now.keys() == held.keys()
+                assert all(_same_bytes(now[n], held[n]) for n in held)
+            assert model.pos == pos
+            assert [m.training for m in model.modules()] == training
+            first = next(model.parameters())
+            assert (first.dtype, first.device) == (dtype, device)
+
+        return check
+
+    return note

@@ -105,3 +105,24 @@ def test_memory_calculator_recomputes(tiny):
     assert not calc.layers.disabled
     calc.layers.value = 6
     assert calc.cache_bytes == 2 * 6 * 12 * 64 * 4 * 32768 * 2
+
+
+def test_explorer_leaves_the_readers_model_as_it_was(reader_model, left_as_found):
+    """Chapter 2's bug: after the explorer, a later cell reading ``model.h[0].attn.kv_cache``
+    must read the reader's own cache, with the reader's tokens and position counter."""
+    cache = reader_model.h[0].attn.kv_cache
+    check = left_as_found(reader_model)
+    CacheExplorer(reader_model, PROMPT, max_new_tokens=3, strategies=STRATEGIES)
+    check()
+    assert reader_model.h[0].attn.kv_cache is cache
+
+
+def test_latency_monitor_leaves_the_readers_model_as_it_was(reader_model, left_as_found):
+    check = left_as_found(reader_model)
+    mon = LatencyMonitor(reader_model, PROMPT, max_new_tokens=10, update_every=5)
+    mon.run()
+    check()
+    mon.run_button.click()  # in a thread, stopped part-way
+    mon._on_stop()
+    mon.wait(timeout=60)
+    check()

@@ -1,0 +1,38 @@
+"""Pictures of the cache at work: plain functions that return a matplotlib ``Figure``.
+
+Each picture has two halves: a function that measures (runs the real model and reads the real
+caches) and returns plain data, and a function that draws that data. ``kvlib.widgets`` puts
+controls on top of the same functions. Figures are ``PlotFigure``s (a ``matplotlib.figure.Figure``
+that shows itself as a PNG), not pyplot figures, so nothing is kept in global state and a notebook
+shows each figure exactly once: as the value of the cell's last line. The measuring functions
+hand the reader's model back as they found it (``kvlib.state.preserved_state``).
+
+    runs = cache_frames_for(model, "The cache keeps", 24, ["concat", ("sliding", 8)])
+    plot_cache_state(runs, "sliding (window 8)", step=12)
+    plot_latency(measure_latency(model, prompt, 100, [None, "concat"]))
+    plot_memory("llama-3-8b", context=32768)
+
+| module | what |
+|---|---|
+| ``frames.py`` | ``cache_frames``: one layer's cache after every step, read from the real cache |
+| ``cache_state.py`` | ``plot_cache_state``, ``cache_state_pngs``: draw those frames |
+| ``latency.py`` | ``measure_latency``, ``plot_latency``: milliseconds per step |
+| ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``: cache bytes beside the weights |
+| ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
+| ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
+"""
+
+from ..style import COLORS, NO_CACHE, strategy_color, strategy_label
+from .cache_state import CACHE_FIGSIZE, cache_state_pngs, plot_cache_state, token_text
+from .figure import PlotFigure, figure_png
+from .frames import CacheFrame, cache_frames, cache_frames_for
+from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
+from .latency import LatencyRun, measure_latency, plot_latency
+from .memory import plot_cache_sizes, plot_memory
+
+__all__ = [
+    "CACHE_FIGSIZE", "COLORS", "NO_CACHE", "CacheFrame", "LatencyRun", "PlotFigure", "Prompt",
+    "StrategySpec", "cache_frames", "cache_frames_for", "cache_state_pngs", "figure_png",
+    "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency", "plot_memory",
+    "prompt_ids", "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
+]
