@@ -148,9 +148,14 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | N
 
 
 class RotaryEmbedding(nn.Module):
-    """The cos/sin table of every position, ``(positions, head_dim)``, computed once in float32
-    and kept in the model's dtype. It covers ``context_length`` positions and grows (doubling)
-    when a call reaches past it, instead of failing."""
+    """The cos/sin table of every position, ``(positions, head_dim)``: computed in float32 as
+    transformers does, stored in the model's dtype, sliced by each forward.
+
+    It covers ``context_length`` positions and grows (doubling) when a call reaches past them,
+    instead of failing. The tables are buffers, so ``model.to(...)`` moves them; a table that was
+    cast (bfloat16 to float32 would keep bfloat16's rounding) or moved is recomputed exactly at the
+    next forward, in the dtype and on the device of the hidden states.
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -159,25 +164,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", None, persistent=False)
         self.build(cfg.context_length)
 
-    def build(self, positions: int, device: torch.device | str | None = None) -> None:
-        """(Re)compute the table for ``positions`` positions on ``device`` (default: where it
-        is), in the table's dtype. Loading calls it to replace a table built on the meta device."""
-        old = self.cos
-        device = device if device is not None else (None if old is None else old.device)
-        dtype = torch.float32 if old is None else old.dtype
+    def build(self, positions: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> None:
+        """Compute the table of ``positions`` positions (loading calls it to replace the table of
+        a model built on the meta device)."""
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor even in generate
             inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)
             inv_freq = inv_freq if device is None else inv_freq.to(device)
-            pos = torch.arange(positions, device=device).float()
+            pos = torch.arange(positions, device=inv_freq.device).float()
             freqs = pos[:, None] * inv_freq[None, :]  # (positions, D/2)
             angles = torch.cat([freqs, freqs], dim=-1)  # (positions, D): rotate_half's layout
             self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self._exact = self.cos  # a .to() that casts or moves the buffer replaces this tensor
 
-    def forward(self, start: int, T: int) -> tuple[Tensor, Tensor]:
-        """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``."""
-        end = start + T
-        if end > self.cos.shape[0]:
-            self.build(max(end, 2 * self.cos.shape[0]))
+    def forward(self, start: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``, in ``like``'s dtype."""
+        end, n, cos = start + T, self.cos.shape[0], self.cos
+        if end > n or cos is not self._exact or cos.dtype != like.dtype \
+                or cos.device != like.device:
+            self.build(max(end, 2 * n) if end > n else n, like.device, like.dtype)
         return self.cos[start:end], self.sin[start:end]
 
 
@@ -296,8 +301,8 @@ class LlamaModel(CausalLM):
         B, T = idx.shape
         start = self.pos if use_cache else 0
         self.check_positions(start, T, use_cache)  # past context_length: one warning
-        cos, sin = self.rope(start, T)  # (T, D) each
         x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self.rope(start, T, like=x)  # (T, D) each
         for layer in self.layers:
             x = layer(x, cos, sin, use_cache)
         if use_cache:
