@@ -19,6 +19,11 @@ def make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTMod
     return kvlib.GPTModel(kvlib.GPTConfig.from_preset(preset, **overrides)).eval()
 
 
+def make_llama(preset: str = "tiny-llama", seed: int = 0, **overrides) -> kvlib.LlamaModel:
+    torch.manual_seed(seed)
+    return kvlib.LlamaModel(kvlib.LlamaConfig.from_preset(preset, **overrides)).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny() -> kvlib.GPTModel:
     return make_model("tiny")
