@@ -7,6 +7,8 @@ every broken checkpoint.
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -376,3 +378,16 @@ def test_hub_name_offline_says_how_to_use_a_local_folder(tmp_path, monkeypatch):
 def test_presets_without_released_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="released weights.*qwen3-0.6b.*pretrained=False"):
         kvlib.load_model("tiny-llama", pretrained=True)
+
+
+def test_llama_loader_imports_without_the_pretrained_extra():
+    code = ("import sys\n"
+            "for m in ('safetensors', 'huggingface_hub', 'transformers'): sys.modules[m] = None\n"
+            "import kvlib, kvlib.hf.llama\n"
+            "try:\n"
+            "    kvlib.load_model('qwen3-0.6b', pretrained=True)\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 'pip install "kvlib[pretrained]"' in out.stdout
