@@ -14,7 +14,7 @@ from .course import REPO_URL, show_source
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
 from .loading import load_model
 from .machine import environment
-from .models import PRESETS, CausalLM, GPTConfig, GPTModel
+from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, LlamaModel
 from .timing import Stopwatch, device_sync
 from .tokenizer import EOT_ID, decode, encode, get_tokenizer
 
@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache", "GPTConfig",
-    "GPTModel", "GenerationResult", "KVCache", "NoCache", "PreallocCache", "SlidingWindowCache",
-    "Step", "Stopwatch", "attention_mask", "decode", "decode_one", "device_sync", "encode",
-    "environment", "generate", "generate_stream", "get_tokenizer", "load_model", "prefill",
-    "sample", "show_source",
+    "GPTModel", "GenerationResult", "KVCache", "LlamaConfig", "LlamaModel", "NoCache",
+    "PreallocCache", "SlidingWindowCache", "Step", "Stopwatch", "attention_mask", "decode",
+    "decode_one", "device_sync", "encode", "environment", "generate", "generate_stream",
+    "get_tokenizer", "load_model", "prefill", "sample", "show_source",
 ]

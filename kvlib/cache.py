@@ -1,9 +1,11 @@
 """KV-cache strategies behind one small interface.
 
 Every cache lives inside one attention layer and stores that layer's keys and values laid out
-``[batch, heads, tokens, head_dim]``. The attention layer calls ``update(keys, values)`` with the
-new tokens' keys and values and attends over what it returns. The tensors are buffers registered
-with ``persistent=False``: they move with ``model.to(...)`` but never enter ``state_dict()``.
+``[batch, heads, tokens, head_dim]``, where heads are the key/value heads (fewer than the query
+heads under grouped-query attention, which is the point: the cache shrinks by the same factor).
+The attention layer calls ``update(keys, values)`` with the new tokens' keys and values and
+attends over what it returns. The tensors are buffers registered with ``persistent=False``: they
+move with ``model.to(...)`` but never enter ``state_dict()``.
 
 | strategy   | class                | memory held                  | what attention sees     |
 |------------|----------------------|------------------------------|-------------------------|
@@ -179,7 +181,8 @@ class SlidingWindowCache(KVCache):
     """A ring of ``window`` slots: token at position p lives in slot ``p % window``.
 
     Decoding writes the newest token over the oldest and attends over all filled slots (their order
-    does not matter: GPT-2 adds positions to the embeddings, so keys carry no slot order). A
+    does not matter: every key carries its own position, added to GPT-2's embeddings or rotated
+    into a RoPE key before it is stored, so keys need no slot order). A
     multi-token update attends over the window that precedes it plus every new token, and the
     attention mask limits each query to its own last ``window`` keys, then keeps only the last
     ``window`` tokens.

@@ -2,11 +2,16 @@
 
     kvlib.load_model("gpt2")                    # GPT-2 124M shape, seeded random weights
     kvlib.load_model("gpt2", pretrained=True)   # OpenAI's weights (hub, or HF_HUB_OFFLINE cache)
+    kvlib.load_model("qwen3-0.6b", pretrained=True)  # Qwen/Qwen3-0.6B from the hub
     kvlib.load_model("/path/to/checkpoint")     # a local Hugging Face folder or .safetensors file
+
+A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama`` or
+``qwen3``); a GPT-2 file without one is read off its tensor shapes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +44,33 @@ def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool = Fa
 
 
 def _load_weights(name: str) -> CausalLM:
-    from .hf import gpt2
+    from .hf import gpt2, llama
 
-    return gpt2.from_pretrained(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        for family in (gpt2, llama):
+            if name in family.HUB_NAMES or name in family.HUB_NAMES.values():
+                return family.from_pretrained(name)
+        hub = [*gpt2.HUB_NAMES, *llama.HUB_NAMES]
+        raise FileNotFoundError(
+            f"{name!r} is neither a model with released weights ({', '.join(hub)}) nor an "
+            "existing file or directory; the other presets have no weights to download: "
+            "load them with pretrained=False")
+    family = llama if checkpoint_family(path) in llama.MODEL_TYPES else gpt2
+    return family.from_pretrained(name)
+
+
+def checkpoint_family(path: Path) -> str:
+    """``model_type`` of a local checkpoint's ``config.json`` ("gpt2" when there is none: GPT-2
+    is the one family whose config kvlib can read off the tensor shapes)."""
+    config = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    if not config.is_file():
+        return "gpt2"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "gpt2")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config}: not a readable config.json ({e})") from e
+    if model_type not in ("gpt2", "llama", "qwen3"):
+        raise ValueError(f"{config}: model_type {model_type!r}; kvlib loads GPT-2, Llama and "
+                         "Qwen3 checkpoints (model_type 'gpt2', 'llama' or 'qwen3')")
+    return model_type

@@ -6,15 +6,19 @@ Every layer keeps one key and one value vector per token and per key/value head,
 
 Grouped-query attention (Llama 3, Qwen3) shares each key/value head among several query heads,
 which divides the cache by ``n_heads / n_kv_heads`` against plain multi-head attention (GPT-2).
-The parameter counts are computed from each model's published configuration (``config.json`` on
-the Hugging Face Hub), so they can be checked line by line.
+Every number comes from kvlib's presets (``kvlib.PRESETS``), the shapes of each model's published
+``config.json`` on the Hugging Face Hub, so the table, the models kvlib builds and the checkpoints
+it loads share one source. A model's context is its config's ``context_length``
+(``max_position_embeddings``): 1,024 tokens for GPT-2, 8,192 for Llama 3 8B and 70B, and 40,960
+for Qwen3-0.6B (and Qwen3-8B) as released; Qwen's longer contexts need YaRN scaling, which kvlib
+does not implement.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import GPTConfig
+from .models import PRESETS, GPTConfig, LlamaConfig
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 
@@ -66,48 +70,45 @@ def gpt2_params(cfg: GPTConfig) -> int:
     return cfg.vocab_size * d + cfg.context_length * d + L * block + 2 * d
 
 
-def llama_params(vocab: int, hidden: int, ffn: int, layers: int, n_heads: int, n_kv_heads: int,
-                 head_dim: int, tied: bool, qk_norm: bool = False) -> int:
-    """Parameters of a Llama-style decoder (RMSNorm, no biases, SwiGLU MLP; Qwen3 adds a
-    per-head RMSNorm on queries and keys)."""
-    attn = hidden * n_heads * head_dim + 2 * hidden * n_kv_heads * head_dim \
-        + n_heads * head_dim * hidden
-    block = attn + 3 * hidden * ffn + 2 * hidden + (2 * head_dim if qk_norm else 0)
-    return vocab * hidden * (1 if tied else 2) + layers * block + hidden
+def llama_params(cfg: LlamaConfig) -> int:
+    """Parameters of kvlib's Llama / Qwen3 for a config (RMSNorm, no biases, SwiGLU MLP; Qwen3
+    adds a per-head RMSNorm on queries and keys; a tied head counted once)."""
+    d, D = cfg.emb_dim, cfg.head_dim
+    attn = d * cfg.n_heads * D + 2 * d * cfg.n_kv_heads * D + cfg.n_heads * D * d
+    block = attn + 3 * d * cfg.ffn_dim + 2 * d + (2 * D if cfg.qk_norm else 0)
+    return cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * block + d
 
 
-def _gpt2(name: str) -> ModelSpec:
-    cfg = GPTConfig.from_preset(name)
-    return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, gpt2_params(cfg),
-                     cfg.context_length)
+def spec_of(name: str, cfg: GPTConfig | LlamaConfig) -> ModelSpec:
+    """The ModelSpec of a kvlib config (either family)."""
+    if isinstance(cfg, GPTConfig):
+        return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim,
+                         gpt2_params(cfg), cfg.context_length)
+    return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                     llama_params(cfg), cfg.context_length)
 
 
-# Llama 3: meta-llama/Meta-Llama-3-8B and -70B config.json (8k context; Llama 3.1 has 128k).
-# Qwen3: Qwen/Qwen3-0.6B (embeddings tied) and Qwen/Qwen3-8B config.json.
+# The table the chapters show: GPT-2's sizes, Llama 3 8B and 70B (8k context; Llama 3.1 has 128k),
+# Qwen3 0.6B (embeddings tied) and 8B. get_spec also takes every other preset name.
 MODELS: dict[str, ModelSpec] = {
-    **{n: _gpt2(n) for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
-    "llama-3-8b": ModelSpec("llama-3-8b", 32, 32, 8, 128, llama_params(
-        128256, 4096, 14336, 32, 32, 8, 128, tied=False), 8192),
-    "llama-3-70b": ModelSpec("llama-3-70b", 80, 64, 8, 128, llama_params(
-        128256, 8192, 28672, 80, 64, 8, 128, tied=False), 8192),
-    "qwen3-0.6b": ModelSpec("qwen3-0.6b", 28, 16, 8, 128, llama_params(
-        151936, 1024, 3072, 28, 16, 8, 128, tied=True, qk_norm=True), 40960),
-    "qwen3-8b": ModelSpec("qwen3-8b", 36, 32, 8, 128, llama_params(
-        151936, 4096, 12288, 36, 32, 8, 128, tied=False, qk_norm=True), 40960),
+    name: spec_of(name, PRESETS[name])
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-3-8b", "llama-3-70b",
+                 "qwen3-0.6b", "qwen3-8b")
 }
 
 
-def get_spec(model: str | ModelSpec | GPTConfig) -> ModelSpec:
-    """A ModelSpec from a name in ``MODELS``, a ModelSpec, or a kvlib ``GPTConfig``."""
+def get_spec(model: str | ModelSpec | GPTConfig | LlamaConfig) -> ModelSpec:
+    """A ModelSpec from a name in ``MODELS`` or ``kvlib.PRESETS``, a ModelSpec, or a config."""
     if isinstance(model, ModelSpec):
         return model
-    if isinstance(model, GPTConfig):
-        return ModelSpec("custom", model.n_layers, model.n_heads, model.n_heads, model.head_dim,
-                         gpt2_params(model), model.context_length)
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {list(MODELS)} "
-                         "or pass a ModelSpec(...) for your own")
-    return MODELS[model]
+    if isinstance(model, (GPTConfig, LlamaConfig)):
+        return spec_of("custom", model)
+    if model in MODELS:
+        return MODELS[model]
+    if model in PRESETS:
+        return spec_of(model, PRESETS[model])
+    raise ValueError(f"unknown model {model!r}; choose one of {list(MODELS)} (or another kvlib "
+                     "preset) or pass a ModelSpec(...) for your own")
 
 
 def format_bytes(n: float) -> str:

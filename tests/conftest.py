@@ -19,6 +19,11 @@ def _make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTMo
     return kvlib.GPTModel(kvlib.GPTConfig.from_preset(preset, **overrides)).eval()
 
 
+def make_llama(preset: str = "tiny-llama", seed: int = 0, **overrides) -> kvlib.LlamaModel:
+    torch.manual_seed(seed)
+    return kvlib.LlamaModel(kvlib.LlamaConfig.from_preset(preset, **overrides)).eval()
+
+
 @pytest.fixture(scope="session")
 def make_model():
     """A factory: ``make_model(preset="tiny", seed=0, **config_overrides)``, a fresh GPT-2-family

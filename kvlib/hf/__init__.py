@@ -1,2 +1,2 @@
-"""Checkpoints in the Hugging Face layout, per model family: ``gpt2.py``; shared file handling in
-``files.py``. Imported lazily by ``kvlib.load_model(..., pretrained=True)``."""
+"""Checkpoints in the Hugging Face layout, per model family: ``gpt2.py``, ``llama.py`` (Llama 3 and
+Qwen3); shared file handling in ``files.py``. Imported lazily by ``kvlib.load_model``."""

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from .base import CachedAttention, CausalLM, attend, check_token_ids
 from .gpt2 import GPT2_PRESETS, GPTConfig, GPTModel
+from .llama import LLAMA_PRESETS, Llama3RopeScaling, LlamaConfig, LlamaModel
 
-PRESETS: dict[str, object] = {**GPT2_PRESETS}
+PRESETS: dict[str, GPTConfig | LlamaConfig] = {**GPT2_PRESETS, **LLAMA_PRESETS}
 
 
-def build_model(cfg) -> CausalLM:
+def build_model(cfg: GPTConfig | LlamaConfig) -> CausalLM:
     """A randomly initialised model of the family that ``cfg`` describes."""
     if isinstance(cfg, GPTConfig):
         return GPTModel(cfg)
-    raise TypeError(f"no kvlib model family takes a {type(cfg).__name__}")
+    if isinstance(cfg, LlamaConfig):
+        return LlamaModel(cfg)
+    raise TypeError(f"no kvlib model family takes a {type(cfg).__name__}; "
+                    "pass a GPTConfig or a LlamaConfig")
 
 
-__all__ = ["GPT2_PRESETS", "PRESETS", "CachedAttention", "CausalLM", "GPTConfig", "GPTModel",
-           "attend", "build_model", "check_token_ids"]
+__all__ = ["GPT2_PRESETS", "LLAMA_PRESETS", "PRESETS", "CachedAttention", "CausalLM", "GPTConfig",
+           "GPTModel", "Llama3RopeScaling", "LlamaConfig", "LlamaModel", "attend", "build_model",
+           "check_token_ids"]

@@ -1,0 +1,312 @@
+"""The Llama 3 / Qwen3 architecture, with a KV cache in every attention layer.
+
+What changes against GPT-2 (``gpt2.py``), one idea at a time:
+
+- **RoPE** instead of learned positions: queries and keys are rotated by an angle that grows with
+  their position, so attention scores depend on how far apart two tokens are. Keys are rotated
+  *before* they enter the cache, each new token at its own position ``self.pos + t``; a cached key
+  never changes again. Nothing ends at ``context_length``: past it the model warns once.
+- **Grouped-query attention**: ``n_kv_heads`` key/value heads, each shared by
+  ``n_heads / n_kv_heads`` query heads. The cache stores only the ``n_kv_heads`` heads: that is
+  the saving (``n_kv_heads = 1`` is multi-query attention, ``= n_heads`` plain multi-head).
+- **RMSNorm** (no mean, no bias), a **SwiGLU** MLP, no biases anywhere, an output head that is
+  tied to the token embedding or not (``tie_embeddings``).
+- **Qwen3** adds ``qk_norm``: an RMSNorm over each head's query and key before the rotation.
+
+Module names are Hugging Face's (``embed_tokens``, ``layers.0.self_attn.q_proj``, ``norm``,
+``lm_head``), so a checkpoint's state dict maps 1:1 once its ``model.`` prefix is dropped (see
+``kvlib.hf.llama``); the rotation follows transformers' ``rotate_half`` convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import CachedAttention, CausalLM, attend, check_token_ids
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1/3.2's RoPE frequency scaling (transformers' ``rope_type: "llama3"``): slow
+    rotations (wavelength above ``original_context_length / low_freq_factor``) turn ``factor``
+    times slower, fast ones (below ``original_context_length / high_freq_factor``) stay, and the
+    ones in between are blended."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context_length: int = 8192  # HF: original_max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_context_length > 0):
+            raise ValueError(f"invalid Llama 3 rope scaling {self}: need factor > 0, "
+                             "0 < low_freq_factor < high_freq_factor, original_context_length > 0")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 128256  # Llama 3's tiktoken-based vocabulary
+    context_length: int = 8192  # the length it was trained for (RoPE: not a hard limit)
+    emb_dim: int = 4096  # HF: hidden_size
+    n_heads: int = 32  # query heads
+    n_kv_heads: int = 8  # key/value heads; must divide n_heads
+    n_layers: int = 32
+    ffn_dim: int = 14336  # HF: intermediate_size
+    head_dim: int = 128  # explicit: Qwen3 has head_dim * n_heads != emb_dim
+    rope_theta: float = 500000.0
+    rope_scaling: Llama3RopeScaling | None = None  # a dict with the same keys is accepted
+    rms_norm_eps: float = 1e-5
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            names = {f.name for f in fields(Llama3RopeScaling)}
+            if not set(self.rope_scaling) <= names:
+                raise ValueError(f"rope_scaling keys must be among {sorted(names)}, "
+                                 f"got {sorted(self.rope_scaling)}")
+            object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**self.rope_scaling))
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_kv_heads",
+                     "n_layers", "ffn_dim", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): every "
+                "key/value head serves the same number of query heads (e.g. 32 and 8)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of "
+                             "dimensions")
+        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
+            raise ValueError(f"rope_theta ({self.rope_theta}) and rms_norm_eps "
+                             f"({self.rms_norm_eps}) must be positive")
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> LlamaConfig:
+        """A named configuration (``from_preset("qwen3-0.6b")``); keywords override its fields."""
+        if name not in LLAMA_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(LLAMA_PRESETS)}")
+        return replace(LLAMA_PRESETS[name], **overrides)
+
+
+_QWEN3 = dict(vocab_size=151936, context_length=40960, head_dim=128, n_kv_heads=8,
+              rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True)
+_TINY = dict(vocab_size=50257, context_length=256, emb_dim=64, n_layers=2, ffn_dim=192,
+             head_dim=16, rope_theta=10000.0)
+
+# The released shapes, from each model's config.json on the Hugging Face Hub.
+LLAMA_PRESETS: dict[str, LlamaConfig] = {
+    "llama-3.2-1b": LlamaConfig(  # meta-llama/Llama-3.2-1B, 1.24B parameters
+        context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8, n_layers=16, ffn_dim=8192,
+        head_dim=64, rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192), tie_embeddings=True),
+    "llama-3-8b": LlamaConfig(),  # meta-llama/Meta-Llama-3-8B, 8.03B
+    "llama-3-70b": LlamaConfig(  # meta-llama/Meta-Llama-3-70B, 70.6B
+        emb_dim=8192, n_heads=64, n_kv_heads=8, n_layers=80, ffn_dim=28672),
+    "qwen3-0.6b": LlamaConfig(  # Qwen/Qwen3-0.6B, 0.60B
+        **_QWEN3, emb_dim=1024, n_heads=16, n_layers=28, ffn_dim=3072, tie_embeddings=True),
+    "qwen3-8b": LlamaConfig(  # Qwen/Qwen3-8B, 8.19B
+        **_QWEN3, emb_dim=4096, n_heads=32, n_layers=36, ffn_dim=12288),
+    # Small enough for tests and chapters; GPT-2's vocabulary, so kvlib's tokenizer works.
+    "tiny-llama": LlamaConfig(**_TINY, n_heads=4, n_kv_heads=2),  # GQA: 2 query heads per kv
+    "tiny-llama-mha": LlamaConfig(**_TINY, n_heads=4, n_kv_heads=4),  # multi-head
+    "tiny-llama-mqa": LlamaConfig(**_TINY, n_heads=4, n_kv_heads=1),  # multi-query
+    "tiny-qwen3": LlamaConfig(  # head_dim 32 != 64 / 4, as in Qwen3
+        **{**_TINY, "head_dim": 32, "rope_theta": 1000000.0}, n_heads=4, n_kv_heads=2,
+        rms_norm_eps=1e-6, qk_norm=True, tie_embeddings=True),
+}
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+                     ) -> Tensor:
+    """The ``head_dim / 2`` rotation speeds (radians per position), float32, as transformers
+    computes them: ``theta ** (-2i / head_dim)``, then Llama 3's scaling if given."""
+    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    s = scaling
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_context_length / s.low_freq_factor  # longer: slowed down
+    high_freq_wavelen = s.original_context_length / s.high_freq_factor  # shorter: unchanged
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(between, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """The cos/sin table of every position, ``(positions, head_dim)``: computed in float32 as
+    transformers does, stored in the model's dtype, sliced by each forward.
+
+    It covers ``context_length`` positions and grows (doubling) when a call reaches past them,
+    instead of failing. The tables are buffers, so ``model.to(...)`` moves them; a table that was
+    cast (bfloat16 to float32 would keep bfloat16's rounding) or moved is recomputed exactly at the
+    next forward, in the dtype and on the device of the hidden states.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+        self.register_buffer("cos", None, persistent=False)  # (positions, D)
+        self.register_buffer("sin", None, persistent=False)
+        self.build(cfg.context_length)
+
+    def build(self, positions: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> None:
+        """Compute the table of ``positions`` positions (loading calls it to replace the table of
+        a model built on the meta device)."""
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even in generate
+            inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)
+            inv_freq = inv_freq if device is None else inv_freq.to(device)
+            pos = torch.arange(positions, device=inv_freq.device).float()
+            freqs = pos[:, None] * inv_freq[None, :]  # (positions, D/2)
+            angles = torch.cat([freqs, freqs], dim=-1)  # (positions, D): rotate_half's layout
+            self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self._exact = self.cos  # a .to() that casts or moves the buffer replaces this tensor
+
+    def forward(self, start: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``, in ``like``'s dtype."""
+        end, n, cos = start + T, self.cos.shape[0], self.cos
+        if end > n or cos is not self._exact or cos.dtype != like.dtype \
+                or cos.device != like.device:
+            self.build(max(end, 2 * n) if end > n else n, like.device, like.dtype)
+        return self.cos[start:end], self.sin[start:end]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension (transformers' layout:
+    dimension i is paired with i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``(B, H, T, D)`` queries or keys by their positions' angles (cos, sin ``(T, D)``)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in float32 as in transformers."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class GroupedQueryAttention(CachedAttention):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.emb_dim, q_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.emb_dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.emb_dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, cfg.emb_dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_cache: bool = False) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: normalise every head's query and key
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys rotated before caching
+        y = attend(q, k, v, self.kv_cache if use_cache else None)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.emb_dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.emb_dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.emb_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
+        self.self_attn = GroupedQueryAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_cache: bool = False) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, use_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(CausalLM):
+    hard_context = False  # RoPE: positions go on past context_length (with a warning)
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg)  # no weights: a table computed from the config
+        for module in self.modules():  # transformers' init: normal(0, 0.02), RMSNorm weights 1
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.transpose_weight_storage()
+
+    def transpose_weight_storage(self) -> None:
+        """Keep every weight matrix transposed in memory, as ``GPTModel`` does (same values, same
+        ``(out, in)`` shape; a decode step's ``x @ W.T`` then streams a contiguous array), and tie
+        the output head to the token embedding if the config says so."""
+        for module in [*(m for m in self.modules() if isinstance(m, nn.Linear)),
+                       self.embed_tokens]:
+            if not (self.cfg.tie_embeddings and module is self.lm_head):
+                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
+                check_ids: bool = True) -> Tensor:
+        """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if ``last_only``.
+
+        With ``use_cache`` the tokens continue the cached ones at positions ``self.pos``,
+        ``self.pos + 1``, ...; without, they sit at positions 0 .. T-1. ``check_ids=False`` skips
+        the range check, for a loop that feeds back tokens the model itself produced.
+        """
+        if check_ids:
+            check_token_ids(idx, self.cfg.vocab_size)
+        B, T = idx.shape
+        start = self.pos if use_cache else 0
+        self.check_positions(start, T, use_cache)  # past context_length: one warning
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self.rope(start, T, like=x)  # (T, D) each
+        for layer in self.layers:
+            x = layer(x, cos, sin, use_cache)
+        if use_cache:
+            self.pos += T
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T or 1, vocab)
