@@ -19,9 +19,16 @@ def _make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTMo
     return kvlib.GPTModel(kvlib.GPTConfig.from_preset(preset, **overrides)).eval()
 
 
-def make_llama(preset: str = "tiny-llama", seed: int = 0, **overrides) -> kvlib.LlamaModel:
+def _make_llama(preset: str = "tiny-llama", seed: int = 0, **overrides) -> kvlib.LlamaModel:
     torch.manual_seed(seed)
     return kvlib.LlamaModel(kvlib.LlamaConfig.from_preset(preset, **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def make_llama():
+    """A factory: ``make_llama(preset="tiny-llama", seed=0, **config_overrides)``, a fresh
+    Llama-family model in eval mode."""
+    return _make_llama
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_llama
 
 import kvlib
 from kvlib.memory import MODELS, get_spec, llama_params
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models() -> dict[str, kvlib.LlamaModel]:
+def models(make_llama) -> dict[str, kvlib.LlamaModel]:
     return {name: make_llama(name) for name in TINY}
 
 
@@ -70,7 +69,7 @@ def test_tiny_presets(models, name):
     assert kvlib.load_model(name).cfg == cfg
 
 
-def test_tiny_preset_shapes_and_names():
+def test_tiny_preset_shapes_and_names(make_llama):
     kv = {name: kvlib.PRESETS[name].n_kv_heads for name in TINY}
     assert kv == {"tiny-llama": 2, "tiny-llama-mha": 4, "tiny-llama-mqa": 1, "tiny-qwen3": 2}
     qwen = kvlib.PRESETS["tiny-qwen3"]
@@ -159,7 +158,7 @@ def test_cache_holds_only_the_kv_heads(models, name):
     assert get_spec(cfg).mha_cache_bytes(tokens, 2, "float32") == nbytes * cfg.n_groups
 
 
-def test_bfloat16_cache():
+def test_bfloat16_cache(make_llama):
     model = make_llama("tiny-qwen3").to(torch.bfloat16)
     kvlib.generate(model, ids((1, 5), seed=6), max_new_tokens=4, cache="prealloc")
     cfg = model.cfg
@@ -197,7 +196,7 @@ def test_rope_scores_depend_only_on_distance():
 # --- past the context: a warning, once; the RoPE table grows ------------------------------------
 
 
-def test_past_context_warns_once_and_the_table_grows():
+def test_past_context_warns_once_and_the_table_grows(make_llama):
     short = make_llama("tiny-llama", context_length=32)
     long = make_llama("tiny-llama", context_length=256)  # same seed: the same weights
     prompt = ids((1, 20), seed=9)
@@ -224,7 +223,7 @@ def test_prealloc_still_says_it_is_full(models):
             model(torch.tensor([[5]]), use_cache=True)
 
 
-def test_rope_table_is_recomputed_after_a_cast():
+def test_rope_table_is_recomputed_after_a_cast(make_llama):
     model = make_llama("tiny-llama")
     exact = model.rope.cos.clone()
     model.to(torch.bfloat16).to(torch.float32)
