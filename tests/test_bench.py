@@ -134,13 +134,15 @@ def test_floor_reads_every_weight_once():
 def test_floor_step_is_a_chain_over_the_weights():
     model = make_model("tiny")
     cfg = model.cfg
-    mats = bench.floor_weights(model)
+    chain = bench.FloorChain.of(model)
+    assert chain.mats == bench.floor_weights(model) and chain.n_heads == cfg.n_heads
+    assert chain.attend_at == {4 * i: i for i in range(cfg.n_layers)}  # after each c_attn
     x = torch.randn(2, cfg.emb_dim)
     kv = [(torch.randn(2, cfg.n_heads, 5, cfg.head_dim),) * 2 for _ in range(cfg.n_layers)]
     with torch.no_grad():
-        out = bench.floor_step(mats, x, kv, cfg.n_heads)
+        out = bench.floor_step(chain, x, kv)
         assert out.shape == (2, cfg.vocab_size)
-        assert not torch.equal(out, bench.floor_step(mats, x))  # the KV reads feed the chain
+        assert not torch.equal(out, bench.floor_step(chain, x))  # the KV reads feed the chain
     f = bench.Floor(model, batch=1, kv_len=7)
     f.measure(2)
     assert len(f.times) == 2 and f.kv_nbytes == cfg.n_layers * 2 * 7 * cfg.emb_dim * 4
@@ -299,3 +301,82 @@ def test_lockstep_targets_are_judged_from_the_numbers():
     assert all("lockstep" in t["target"] for t in bench.lockstep_targets(d))
     d["runs"] = d["runs"][:1]  # no 1000-token run: not measured, never a pass
     assert [t["met"] for t in bench.lockstep_targets(d)][2:] == [None, None]
+
+
+class _GQAAttention(kvlib.models.CachedAttention):
+    """Llama-style attention: separate q/k/v/o projections, no biases, 2 key/value heads for 4
+    query heads, and 4 x 16 = 64 query features from a 32-wide stream (as in Qwen3)."""
+
+    def __init__(self, width: int = 32, heads: int = 4, kv_heads: int = 2, dim: int = 16) -> None:
+        super().__init__()
+        self.shape = heads, kv_heads, dim
+        self.q_proj = torch.nn.Linear(width, heads * dim, bias=False)
+        self.k_proj = torch.nn.Linear(width, kv_heads * dim, bias=False)
+        self.v_proj = torch.nn.Linear(width, kv_heads * dim, bias=False)
+        self.o_proj = torch.nn.Linear(heads * dim, width, bias=False)
+
+    def forward(self, x: torch.Tensor, use_cache: bool) -> torch.Tensor:
+        (B, T, _), (H, H_kv, D) = x.shape, self.shape
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+        y = kvlib.models.attend(q, k, v, self.kv_cache if use_cache else None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class _GQABlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = _GQAAttention()
+        self.gate_proj = torch.nn.Linear(32, 48, bias=False)
+        self.up_proj = torch.nn.Linear(32, 48, bias=False)
+        self.down_proj = torch.nn.Linear(48, 32, bias=False)
+
+    def forward(self, x: torch.Tensor, use_cache: bool) -> torch.Tensor:
+        x = x + self.self_attn(x, use_cache)
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ToyLlama(kvlib.CausalLM):
+    """A two-layer Llama-shaped CausalLM with an untied head, to check the floor on a family
+    other than GPT-2."""
+
+    hard_context = False
+    # the floor reads n_heads here; the key/value heads and head dim (16, not 32 / 4) come from
+    # the model's caches
+    cfg = kvlib.GPTConfig(vocab_size=300, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = torch.nn.Embedding(300, 32)
+        self.layers = torch.nn.ModuleList(_GQABlock() for _ in range(2))
+        self.lm_head = torch.nn.Linear(32, 300, bias=False)  # untied
+
+    def forward(self, idx, use_cache=False, last_only=False, check_ids=True):
+        x = self.embed_tokens(idx)
+        for block in self.layers:
+            x = block(x, use_cache)
+        self.pos += idx.shape[1] if use_cache else 0
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+
+def test_floor_of_a_llama_shaped_model():
+    model = ToyLlama().eval()
+    mats = bench.floor_weights(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(mats) == 7 * 2 + 1 and names[-1] == "lm_head"  # q k v o gate up down, head
+    assert mats[-1][0] is model.lm_head.weight and all(b is None for _, b in mats)
+    assert bench.attention_points(model) == {0: 0, 7: 1}  # after each q_proj
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if not n.startswith("embed_tokens"))  # a lookup reads one row
+    assert bench.floor_nbytes(model) == weights
+    model.set_kv_cache("prealloc", max_len=20)
+    assert bench.cache_shapes(model) == [(2, 16), (2, 16)]  # (key/value heads, head dim)
+    assert model.caches[0].name == "prealloc" and model.caches[0].get_seq_length() == 0
+    floor = bench.Floor(model, batch=3, kv_len=5)
+    assert floor.kv_nbytes == 2 * 2 * (3 * 2 * 5 * 16) * 4  # layers x (K, V) x floats x 4 bytes
+    floor.measure(2)
+    assert len(floor.times) == 2
+    with torch.no_grad():
+        assert bench.floor_step(floor.chain, floor.x, floor.kv).shape == (3, 300)

@@ -36,7 +36,15 @@ The modules, in the order a run uses them:
 
 from .cli import main
 from .figures import PLOTS, plot
-from .floor import Floor, floor_nbytes, floor_step, floor_weights
+from .floor import (
+    Floor,
+    FloorChain,
+    attention_points,
+    cache_shapes,
+    floor_nbytes,
+    floor_step,
+    floor_weights,
+)
 from .lockstep import lockstep, lockstep_summary
 from .overhead import GAP_PARTS, compile_check, floor_gap, functional_step
 from .plan import DTYPES, HF_KINDS, PLANS, PROMPT, SCHEMA, Cell, Suite
@@ -49,9 +57,9 @@ from .targets import lockstep_targets, targets
 
 __all__ = [
     "DTYPES", "GAP_PARTS", "HF_KINDS", "PLANS", "PLOTS", "PROMPT", "SCHEMA", "Bench", "Cell",
-    "Floor", "HFRunner", "KvlibRunner", "Suite", "alloc_steps", "compile_check", "compile_text",
-    "count_allocations", "floor_gap", "floor_nbytes", "floor_step", "floor_weights",
-    "functional_step", "hf_twin", "lockstep", "lockstep_summary", "lockstep_targets",
-    "lockstep_text", "main", "percentiles", "plot", "profile_decode_step", "report", "summary",
-    "targets", "time_run",
+    "Floor", "FloorChain", "HFRunner", "KvlibRunner", "Suite", "alloc_steps", "attention_points",
+    "cache_shapes", "compile_check", "compile_text", "count_allocations", "floor_gap",
+    "floor_nbytes", "floor_step", "floor_weights", "functional_step", "hf_twin", "lockstep",
+    "lockstep_summary", "lockstep_targets", "lockstep_text", "main", "percentiles", "plot",
+    "profile_decode_step", "report", "summary", "targets", "time_run",
 ]

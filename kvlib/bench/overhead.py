@@ -121,7 +121,7 @@ def floor_gap(model: GPTModel, kv_len: int = 100, rounds: int = 100) -> dict:
         variants = gap_variants(model, tok, kv_len)
         same = torch.allclose(variants["kvlib step (modules)"](),
                               variants["bare functional step"](), atol=1e-4)
-        variants["floor"] = lambda: floor_step(floor.mats, floor.x)
+        variants["floor"] = lambda: floor_step(floor.chain, floor.x)
         times: dict[str, list[float]] = {k: [] for k in variants}
         names = list(variants)
         for r in range(rounds + 3):  # 3 warm-up rounds

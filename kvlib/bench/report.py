@@ -224,8 +224,20 @@ def overhead_lines(ov: dict | None) -> list[str]:
     """The twin's per-step overhead, the profiler's top ops, and the floor gap."""
     if not ov:
         return []
-    lines = ["## Per-step overhead\n",
-             f"Decode step of a twin of {ov['model']} with the same layers and heads but "
+    lines = ["## Per-step overhead\n"] + (twin_lines(ov) if ov.get("twin") else [])
+    p = ov["profile"]
+    lines.append(f"\ntorch.profiler over {p['steps']} prealloc decode steps of {ov['model']}: "
+                 f"{p['wall_ms']:.2f} ms per step (profiled), of which ops' self time "
+                 f"{p['ops_self_ms']:.2f} ms.\n")
+    lines.append("| op | calls/step | self ms/step |\n|---|---|---|")
+    lines += [f"| `{t['op']}` | {t['calls']} | {t['self_ms']:.3f} |" for t in p["top"]]
+    lines.append("")
+    return lines + (gap_text(ov["gap"], ov["model"]) if ov.get("gap") else [])
+
+
+def twin_lines(ov: dict) -> list[str]:
+    """The narrow twin's step next to the real one: the share that is overhead."""
+    lines = [f"Decode step of a twin of {ov['model']} with the same layers and heads but "
              f"emb_dim={ov['twin']['emb_dim']} and a {ov['twin']['vocab_size']}-token "
              "vocabulary: the arithmetic is negligible, what remains is Python, module calls "
              "and op dispatch per step.\n",
@@ -235,14 +247,7 @@ def overhead_lines(ov: dict | None) -> list[str]:
         real = ov["real_step_ms"].get(k)
         share = f"{100 * v / real:.0f}%" if real else "n/a"
         lines.append(f"| {k} | {v:.3f} | {_fmt(real)} | {share} |")
-    p = ov["profile"]
-    lines.append(f"\ntorch.profiler over {p['steps']} prealloc decode steps of {ov['model']}: "
-                 f"{p['wall_ms']:.2f} ms per step (profiled), of which ops' self time "
-                 f"{p['ops_self_ms']:.2f} ms.\n")
-    lines.append("| op | calls/step | self ms/step |\n|---|---|---|")
-    lines += [f"| `{t['op']}` | {t['calls']} | {t['self_ms']:.3f} |" for t in p["top"]]
-    lines.append("")
-    return lines + (gap_text(ov["gap"], ov["model"]) if ov.get("gap") else [])
+    return lines
 
 
 def gap_text(g: dict, model: str) -> list[str]:

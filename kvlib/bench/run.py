@@ -14,7 +14,7 @@ import torch
 from ..generate import decode_one
 from ..loading import load_model
 from ..machine import environment_info
-from ..models import CausalLM
+from ..models import CausalLM, GPTModel
 from ..timing import Stopwatch, tokens_per_s
 from .floor import Floor, floor_nbytes
 from .overhead import floor_gap, narrow_twin, twin_step_ms
@@ -213,17 +213,20 @@ class Bench:
         where the real step's time above the floor goes."""
         big = next((r for r in results if r["model"] != "tiny"), results[0])
         name, dtype, device = big["model"], big["dtype"], big["device"]
-        twin = narrow_twin(name, dtype, device)
+        model = self.model(name, dtype, device)
+        gpt2 = isinstance(model, GPTModel)  # the twin and the bare step are GPT-2's
+        twin = narrow_twin(name, dtype, device) if gpt2 else None
         same = [r for r in results if (r["model"], r["dtype"], r["device"], r["batch"])
                 == (name, dtype, device, 1)]
         n = min((r["new_tokens"] for r in same), default=None)  # the shortest run's steps
-        model = self.model(name, dtype, device)
-        return {"model": name, "twin": {"emb_dim": twin.cfg.emb_dim, "vocab_size": 256},
-                "twin_step_ms": twin_step_ms(twin, self.window, self.overhead_tokens),
+        return {"model": name,
+                "twin": {"emb_dim": twin.cfg.emb_dim, "vocab_size": 256} if twin else None,
+                "twin_step_ms": twin_step_ms(twin, self.window, self.overhead_tokens)
+                if twin else {},
                 "real_step_ms": {r["strategy"]: r["step_ms"]["p50"] for r in same
                                  if r["new_tokens"] == n},
                 "real_new_tokens": n, "profile": profile_decode_step(model),
-                "gap": floor_gap(model)}
+                "gap": floor_gap(model) if gpt2 else None}
 
 
 def step_stats(steps: np.ndarray, floor_ms: float, floor_end_ms: float) -> dict:

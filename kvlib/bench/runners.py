@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..generate import generate_stream
-from ..models import CausalLM
+from ..models import CausalLM, GPTModel
 from ..timing import Stopwatch
 
 
@@ -80,6 +80,8 @@ def hf_twin(model: CausalLM):
         raise ImportError('--compare hf needs transformers: pip install "kvlib[compare]"') from e
     from ..hf.gpt2 import hf_config, to_hf_state_dict
 
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"--compare hf runs transformers' GPT-2, not a {type(model).__name__}")
     p = next(model.parameters())
     config = hf_config(model.cfg)
     config._attn_implementation = "sdpa"  # the same attention kernel as kvlib
