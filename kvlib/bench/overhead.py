@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..generate import decode_one
+from ..generate import decode_one, prefill
 from ..loading import load_model
 from ..machine import environment_info
 from ..models import PRESETS, GPTModel, build_model
@@ -117,26 +117,33 @@ def floor_gap(model: GPTModel, kv_len: int = 100, rounds: int = 100) -> dict:
     model.set_kv_cache("prealloc", max_len=kv_len + 1)
     floor = Floor(model, 1)
     with torch.inference_mode():
-        model(prompt, use_cache=True, last_only=True)  # fills the caches with kv_len real tokens
+        prefill(model, prompt)  # fills the caches with kv_len real tokens
         variants = gap_variants(model, tok, kv_len)
         same = torch.allclose(variants["kvlib step (modules)"](),
                               variants["bare functional step"](), atol=1e-4)
         variants["floor"] = lambda: floor_step(floor.chain, floor.x)
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        names = list(variants)
-        for r in range(rounds + 3):  # 3 warm-up rounds
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                for cache in model.caches:
-                    cache.seen = kv_len
-                model.pos = kv_len
-                with Stopwatch(p.device) as sw:
-                    variants[name]()
-                if r >= 3:
-                    times[name].append(sw.seconds)
+        # kvlib's step adds a token to the caches: each round starts from the prompt again
+        times = in_turns(variants, rounds, p.device, before_round=lambda: prefill(model, prompt))
     n = model.cfg.n_layers
     return {"kv_len": kv_len, "rounds": rounds, "ms": {k: median_ms(v) for k, v in times.items()},
             "same_logits": same,
             "ops_per_step": {"layernorm": 2 * n + 1, "gelu": n, "attention": n, "residual": 2 * n}}
+
+
+def in_turns(calls: dict[str, Callable[[], object]], rounds: int, device: torch.device,
+             before_round: Callable[[], object], warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each call, once a round, in an order that rotates by one every round; the first
+    ``warmup`` rounds are not kept. ``before_round`` runs, untimed, at the start of each round."""
+    names = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds + warmup):
+        before_round()
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            with Stopwatch(device) as sw:
+                calls[name]()
+            if r >= warmup:
+                times[name].append(sw.seconds)
+    return times
 
 
 def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
