@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..style import COLORS, NO_CACHE, strategy_color, strategy_label
 from .plan import PROMPT
 
 PLOTS = [("step_latency.png", "Decode step latency over a long generation"),
          ("tokens_per_s.png", "Decode tokens/s by strategy"),
          ("no_cache.png", "Per-step cost with and without a cache")]
-COLORS = {"none": "tab:gray", "concat": "tab:red", "prealloc": "tab:blue",
-          "sliding": "tab:green", "hf-dynamic": "tab:orange", "hf-static": "tab:purple"}
 GROUP = ("model", "dtype", "device", "batch")  # what one model's numbers share
 
 
@@ -58,11 +57,13 @@ def step_latency_figure(data: dict):
         if y.size > 20:
             y = _running_median(y)
         x = np.arange(y.size) + r["prompt_len"] + 1
-        ax.plot(x, y, lw=1.2, label=r["strategy"], color=COLORS.get(r["strategy"]))
+        ax.plot(x, y, lw=1.2, label=strategy_label(r["strategy"], r.get("window")),
+                color=strategy_color(r["strategy"]))
     pts = floor_points(data, key)
     if pts:
         xs = sorted(pts)
-        ax.plot(xs, [pts[x] for x in xs], "k--", lw=1, marker=".", label="floor (+ KV read)")
+        ax.plot(xs, [pts[x] for x in xs], "--", color=COLORS["floor"], lw=1, marker=".",
+                label="floor (+ KV read)")
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("decode step (ms)")
     ax.set_title(f"{key['model']}, {key['dtype']}, {key['device']}, batch {key['batch']}",
@@ -86,8 +87,10 @@ def tokens_per_s_figure(res: list[dict]):
         tps = [r["decode_tokens_per_s"] for r in rows]
         err = [[t["median"] - t["min"] for t in tps], [t["max"] - t["median"] for t in tps]]
         ax.bar(range(len(rows)), [t["median"] for t in tps], yerr=err, capsize=2,
-               color=[COLORS.get(r["strategy"]) for r in rows])
-        ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=60, fontsize=7)
+               color=[strategy_color(r["strategy"]) for r in rows])
+        ax.set_xticks(range(len(rows)), [strategy_label(r["strategy"], r.get("window"))
+                                         for r in rows],
+                      rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{m} {d}\nB={b}, {n} tokens", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     axes[0][0].set_ylabel("decode tokens/s")
@@ -105,13 +108,13 @@ def no_cache_figure(points: list[dict]):
         if not xs:
             continue
         lengths = [x["length"] for x in xs]
-        ax.plot(lengths, [x["no_cache_ms"]["median"] for x in xs], "o-", color="tab:gray",
-                label=f"{m}: no cache (forward over L)")
+        ax.plot(lengths, [x["no_cache_ms"]["median"] for x in xs], "o-",
+                color=strategy_color("none"), label=f"{m}: {NO_CACHE} (forward over L)")
         cached = [(x["length"], x["cached_ms"]) for x in xs if x["cached_ms"]]
         if cached:
-            ax.plot(*zip(*cached, strict=True), "s-", color="tab:blue",
-                    label=f"{m}: prealloc step")
-        ax.plot(lengths, [x["floor_kv_ms"] for x in xs], "--", color="black", lw=1,
+            ax.plot(*zip(*cached, strict=True), "s-", color=strategy_color("prealloc"),
+                    label=f"{m}: {strategy_label('prealloc')} step")
+        ax.plot(lengths, [x["floor_kv_ms"] for x in xs], "--", color=COLORS["floor"], lw=1,
                 label=f"{m}: floor + KV")
     ax.set_yscale("log")
     ax.set_xlabel("sequence length L (tokens)")

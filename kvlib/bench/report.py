@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..style import strategy_label
 from .figures import PLOTS
 from .targets import lockstep_targets
 
@@ -162,9 +163,14 @@ def group_lines(key: tuple, rows: list[dict], floors: list[dict]) -> list[str]:
     return lines + [strategy_line(r) for r in rows] + [""]
 
 
+def row_label(r: dict) -> str:
+    """How a result row's strategy is named for a reader: "no cache", "sliding (window 128)"."""
+    return strategy_label(r["strategy"], r.get("window"))
+
+
 def strategy_line(r: dict) -> str:
     tps, s = r["decode_tokens_per_s"], r["step_ms"]
-    return (f"| {r['strategy']} | {_fmt(tps['median'], '.1f')} ({_fmt(tps['min'], '.1f')}-"
+    return (f"| {row_label(r)} | {_fmt(tps['median'], '.1f')} ({_fmt(tps['min'], '.1f')}-"
             f"{_fmt(tps['max'], '.1f')}) | {_fmt(r['e2e_tokens_per_s']['median'], '.1f')} | "
             f"{_fmt(r['prefill_ms']['median'])} | {_fmt(s['p50'])} / {_fmt(s['p90'])} / "
             f"{_fmt(s['p99'])} | {_fmt(r['floor_ratio'])} | {_fmt(r['first_ms'])} / "
@@ -184,7 +190,7 @@ def same_tokens_cell(r: dict) -> str:
     if r["tokens_match"] is None:
         return "reference" if r["tokens_ref"] is None and r["strategy"] != "none" else "n/a"
     same = ("yes" if r["tokens_match"] else f"no, from token {r['first_mismatch']}") \
-        + f" (vs {r['tokens_ref']})"
+        + f" (vs {strategy_label(r['tokens_ref'])})"
     if r["strategy"] == "sliding" and not r["tokens_match"]:
         same += ", expected past the window"
     return same
