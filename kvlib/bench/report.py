@@ -11,7 +11,7 @@ from .targets import lockstep_targets
 WORKLOAD = (
     "Workload: random weights (seed 123), prompt of 6 tokens, greedy. `hf-dynamic` and "
     "`hf-static` are transformers' `GPT2LMHeadModel` with `DynamicCache` and "
-    "`StaticCache`, loaded with the same weights (`kvlib.pretrained.to_hf_state_dict`) "
+    "`StaticCache`, loaded with the same weights (`kvlib.hf.gpt2.to_hf_state_dict`) "
     "and driven by the same loop (one token per step, last-position logits, argmax). "
     "Decode tokens/s counts every sequence of the batch and excludes the prefill; "
     "end-to-end (e2e) includes it. Spread: min-max over repeats. The floor is a bare "
