@@ -380,3 +380,35 @@ def test_floor_of_a_llama_shaped_model():
     assert len(floor.times) == 2
     with torch.no_grad():
         assert bench.floor_step(floor.chain, floor.x, floor.kv).shape == (3, 300)
+
+
+def test_a_run_talks_to_a_person_without_profiler_noise(tmp_path, capfd):
+    bench.main(["run", "--models", "tiny", "--strategies", "none,prealloc,sliding", "--window",
+                "4", "--new-tokens", "8", "--repeats", "1", "--no-cache-lengths", "8",
+                "--floor-samples", "2", "--threads", "0", "--no-progress", "--out",
+                str(tmp_path / "r.json")])
+    out, err = capfd.readouterr()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["allocations"] for r in data["results"])  # the profiler did run
+    for noise in bench.profiling.PROFILER_NOISE:
+        assert noise not in out + err, noise
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
+    for column in ("strategy", "decode tok/s", "step / floor", "cache held"):
+        assert column in header, column
+    rows = [line.split() for line in lines[lines.index(header) + 2:] if line.startswith("tiny")]
+    assert [row[5] for row in rows] == ["no", "prealloc", "sliding"]  # "no cache", as written
+    assert "no cache" in out and "sliding (window 4)" in out and "0 B" in out
+    assert f"report {tmp_path / 'r.json'}" in out
+
+
+def test_quiet_profiler_drops_only_the_profiler_chatter(capfd):
+    import os
+
+    with bench.profiling.quiet_profiler():
+        os.write(2, b"USDT:2026 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+                    b"[W] Memory block of unknown size was allocated before the profiling\n"
+                    b"a real warning\n")
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert err == "a real warning\nafter\n"

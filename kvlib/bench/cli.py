@@ -16,7 +16,7 @@ from .figures import plot
 from .lockstep import lockstep
 from .overhead import compile_check
 from .plan import PLANS, Suite
-from .report import compile_text, lockstep_text, report
+from .report import compile_text, lockstep_text, report, summary_table
 from .run import Bench
 
 DESCRIPTION = ("Benchmarks: every cache strategy, measured against the weight-streaming floor and "
@@ -145,6 +145,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
     if args.plots:
         for p in plot(data, args.plots):
             print(f"wrote {p}", file=sys.stderr)
+    print(f"\nDecode speed (medians over the repeats; step / floor: the median decode step over "
+          f"the weight-streaming floor)\n\n{summary_table(data)}\n\nEvery table: python -m "
+          f"kvlib.bench report {shlex.quote(args.out)}")
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,

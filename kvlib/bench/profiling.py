@@ -1,6 +1,17 @@
-"""What torch.profiler sees: allocations per decode step, and the ops of a decode step."""
+"""What torch.profiler sees: allocations per decode step, and the ops of a decode step.
+
+The profiler's native code writes its own chatter to the process's stderr (``USDT ...
+profiler_start`` lines, "Memory block of unknown size" warnings); ``quiet_profiler`` keeps that
+out of the terminal and passes on anything else.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -9,6 +20,30 @@ from ..generate import decode_one, prefill
 from ..models import CausalLM
 from ..timing import Stopwatch
 from .plan import PROMPT
+
+PROFILER_NOISE = ("USDT:", "profiler_start", "profiler_stop", "Memory block of unknown size")
+
+
+@contextmanager
+def quiet_profiler(noise: tuple[str, ...] = PROFILER_NOISE) -> Iterator[None]:
+    """Point the C-level stderr (file descriptor 2) at a temporary file for the block, then
+    write on to the real stderr every line that holds none of ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not any(n in line for n in noise))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def alloc_steps(n: int, k: int = 3) -> list[int]:
@@ -37,7 +72,7 @@ def count_allocations(runner, idx: Tensor, at_steps: list[int], k: int = 3) -> l
     for start in sorted(at_steps):
         for _ in range(start - taken):
             next(stream)
-        with profile(activities=activities, profile_memory=True) as prof:
+        with quiet_profiler(), profile(activities=activities, profile_memory=True) as prof:
             for _ in range(k):
                 next(stream)
         taken = start + k
@@ -60,7 +95,8 @@ def profile_decode_step(model: CausalLM, n: int = 5, top: int = 8) -> dict:
         prefill(model, idx)
         seq = torch.cat([idx, idx[:, :1]], dim=1)
         decode_one(model, seq)
-        with profile(activities=[ProfilerActivity.CPU]) as prof, Stopwatch(p.device) as wall:
+        with quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof, \
+                Stopwatch(p.device) as wall:
             for _ in range(n):
                 decode_one(model, seq)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)

@@ -303,3 +303,32 @@ def plot_lines(plots_dir: str) -> list[str]:
     """The figures that exist in ``plots_dir`` (every figure when no folder is given)."""
     return ["## Plots\n"] + [f"![{title}]({name})\n" for name, title in PLOTS
                              if not plots_dir or (Path(plots_dir) / name).exists()]
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+SUMMARY_COLUMNS = ("model", "dtype", "device", "batch", "new tokens", "strategy",
+                   "decode tok/s", "step / floor", "cache held")
+
+
+def summary_table(data: dict) -> str:
+    """What a run prints at its end: one aligned row per result (medians over the repeats), then
+    where the full tables come from."""
+    rows = [SUMMARY_COLUMNS] + [
+        (r["model"], r["dtype"], r["device"], str(r["batch"]), str(r["new_tokens"]),
+         row_label(r), _fmt(r["decode_tokens_per_s"]["median"], ".1f"),
+         _fmt(r["floor_ratio"]), _bytes(r["cache_nbytes"])) for r in data["results"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
+    numeric = {3, 4, 6, 7, 8}  # right-aligned
+    lines = ["  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
