@@ -1,6 +1,9 @@
 """kvlib.bench.report and kvlib.bench.figures: RESULTS.md, the PNGs and the run's summary table,
 all from the JSON."""
 
+import json
+from pathlib import Path
+
 from kvlib.bench import PLOTS, compile_text, main, report
 from kvlib.bench.report import summary_table
 
@@ -52,3 +55,12 @@ def test_compile_verdict_follows_the_numbers():
     assert "does not pay" in compile_text(record(31.0, 30.5))
     assert "ships no compile path" in compile_text(record(31.0, 32.0))
     assert "pays off: 6.00 ms" in compile_text(record(31.0, 25.0))
+
+
+def test_the_stored_results_render_to_the_stored_report():
+    """benchmarks/RESULTS.md is exactly what the report makes of the stored JSON files."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    data = json.loads((root / "results.json").read_text())
+    data["compile"] = json.loads((root / "compile.json").read_text())
+    data["lockstep"] = json.loads((root / "lockstep.json").read_text())
+    assert report(data, str(root)) + "\n" == (root / "RESULTS.md").read_text()
