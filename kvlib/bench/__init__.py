@@ -16,7 +16,7 @@ What one run measures, for every model x dtype x device x batch x new-token coun
   is as fast as a decode step can be; "floor + KV" adds one attention read of a cache of L tokens
   per layer. Each decode step is reported as a ratio to it.
 - allocations per decode step (torch.profiler memory events), cache bytes held, and, for the
-  no-cache baseline, one forward pass over the whole sequence timed directly at a few lengths.
+  baseline with no cache, one forward pass over the whole sequence timed directly at a few lengths.
 
 The modules, in the order a run uses them:
 
@@ -26,7 +26,7 @@ The modules, in the order a run uses them:
 | ``runners`` | the timed generation loops (kvlib's, transformers'), ``hf_twin``, ``time_run`` |
 | ``floor`` | the weight-streaming floor of any ``kvlib.CausalLM`` |
 | ``profiling`` | allocations per decode step and the ops of one, from torch.profiler |
-| ``run`` | ``Bench``: the timed groups and the no-cache and overhead extras |
+| ``run`` | ``Bench``: the timed groups and the extras (steps with no cache, overhead) |
 | ``overhead`` | the narrow twin, ``functional_step``, ``floor_gap``, ``compile_check`` |
 | ``lockstep`` | kvlib, DynamicCache and the floor one step each, in turn |
 | ``stats``, ``targets`` | medians and spreads; the targets and their limits |

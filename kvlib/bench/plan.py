@@ -53,8 +53,8 @@ class Cell:
 
 
 # "full" is the run behind benchmarks/RESULTS.md. The gpt2 rows behind the targets get more
-# repeats (a shared machine drifts); the no-cache baseline runs 200 tokens once, for the end-to-end
-# speed-up; per step it is timed at fixed lengths.
+# repeats (a shared machine drifts); the baseline with no cache runs 200 tokens once, for the
+# end-to-end speed-up; per step it is timed at fixed lengths.
 PLANS: dict[str, list[Suite]] = {
     "full": [
         Suite(["gpt2"], ["concat", "prealloc", "sliding"], [200], repeats=5, compare_hf=True),

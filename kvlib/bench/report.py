@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..style import strategy_label
+from ..style import NO_CACHE, strategy_label
 from .figures import PLOTS
 from .targets import lockstep_targets
 
@@ -211,11 +211,11 @@ def floor_lines(floors: list[dict]) -> list[str]:
 def no_cache_lines(points: list[dict]) -> list[str]:
     if not points:
         return []
-    lines = ["## Cache vs no cache, per step\n",
-             "A no-cache step is one forward pass over the whole sequence (logits for the last "
-             "position only), timed directly at each length; the cached step is the median "
+    lines = [f"## Cache vs {NO_CACHE}, per step\n",
+             f"A step with {NO_CACHE} is one forward pass over the whole sequence (logits for the "
+             "last position only), timed directly at each length; the cached step is the median "
              "prealloc step around that length in the longest prealloc run.\n",
-             "| model | batch | length | no cache ms (min-max) | prealloc ms | floor + KV ms "
+             f"| model | batch | length | {NO_CACHE} ms (min-max) | prealloc ms | floor + KV ms "
              "| speed-up |",
              "|---|---|---|---|---|---|---|"]
     for x in points:

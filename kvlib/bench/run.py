@@ -1,5 +1,5 @@
 """One benchmark run: every group of cells timed interleaved against the floor, then the extras
-(no-cache steps at fixed lengths, per-step overhead), gathered into one JSON-ready dict."""
+(steps with no cache at fixed lengths, per-step overhead), gathered into one JSON-ready dict."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..style import NO_CACHE
 from .plan import PROMPT
 
 BASE = {"model": "gpt2", "dtype": "float32", "batch": 1, "device": "cpu"}  # the targets' cells
@@ -104,7 +105,7 @@ def shown_rows(res: list[dict], best: dict | None) -> list[dict]:
     none = find(res, strategy="none", new_tokens=200, **BASE)
     if none and best:
         pre200 = find(res, strategy="prealloc", new_tokens=200, **BASE) or best
-        out.append(shown_row("200 tokens end to end: no cache / prealloc, wall time (expect "
+        out.append(shown_row(f"200 tokens end to end: {NO_CACHE} / prealloc, wall time (expect "
                              "~3.5-4x)", _ratio(none, pre200, "wall_s")))
     return out
 
