@@ -107,13 +107,14 @@ class Bench:
         model = self.model(first.model, first.dtype, first.device)
         idx = torch.tensor([PROMPT] * first.batch, device=first.device)  # (B, 6)
         runners = {c.strategy: self.runner(c) for c in cells}
-        end = min(len(PROMPT) + first.new_tokens, model.cfg.context_length)
-        floor0, floor_end = Floor(model, first.batch), Floor(model, first.batch, kv_len=end)
+        end = min(len(PROMPT) + first.new_tokens, model.cfg.context_length)  # tokens at the end
+        floor_no_kv = Floor(model, first.batch)
+        floor_kv_end = Floor(model, first.batch, kv_len=end)
         alloc = self.warm_up(cells, runners, idx, bar)
-        floor0.warm_up()
-        floor_end.warm_up()
+        floor_no_kv.warm_up()
+        floor_kv_end.warm_up()
         runs: dict[str, list[dict]] = {c.strategy: [] for c in cells}
-        per = max(1, self.floor_samples // suite.repeats)
+        floor_steps = max(1, self.floor_samples // suite.repeats)
         for r in range(suite.repeats):
             for c in cells[r % len(cells):] + cells[: r % len(cells)]:
                 bar.set_description(f"{c.model} {c.strategy} N={c.new_tokens} B={c.batch} "
@@ -122,13 +123,13 @@ class Bench:
                 run["cache_nbytes"] = runners[c.strategy].cache_nbytes()
                 runs[c.strategy].append(run)
                 bar.update(1)
-            floor0.measure(per)
-            floor_end.measure(per)
-        floors = [self.floor_record(first, model, floor0),
-                  self.floor_record(first, model, floor_end)]
+            floor_no_kv.measure(floor_steps)
+            floor_kv_end.measure(floor_steps)
+        floors = [self.floor_record(first, model, floor_no_kv),
+                  self.floor_record(first, model, floor_kv_end)]
         ref = next((s for s in ("prealloc", "concat", "none") if s in runs), None)
-        results = [self.result_record(c, runs[c.strategy], runs.get(ref), ref, floor0,
-                                      floor_end, alloc.get(c.strategy)) for c in cells]
+        results = [self.result_record(c, runs[c.strategy], runs.get(ref), ref, floor_no_kv,
+                                      floor_kv_end, alloc.get(c.strategy)) for c in cells]
         return results, floors
 
     def warm_up(self, cells: list[Cell], runners: dict, idx: torch.Tensor, bar) -> dict:
@@ -154,7 +155,7 @@ class Bench:
                 "ms": summary([1e3 * t for t in floor.times])}
 
     def result_record(self, c: Cell, runs: list[dict], ref_runs: list[dict] | None,
-                      ref: str | None, floor0: Floor, floor_end: Floor,
+                      ref: str | None, floor_no_kv: Floor, floor_kv_end: Floor,
                       alloc: list[dict] | None) -> dict:
         steps = np.array([r["steps"] for r in runs]) * 1e3  # (repeats, steps) in ms
         is_ref = c.strategy == ref
@@ -167,7 +168,7 @@ class Bench:
             "e2e_tokens_per_s": summary([c.batch * (len(r["steps"]) + 1) / r["wall"]
                                          for r in runs]),
             "wall_s": summary([r["wall"] for r in runs]),
-            **step_stats(steps, median_ms(floor0.times), median_ms(floor_end.times)),
+            **step_stats(steps, median_ms(floor_no_kv.times), median_ms(floor_kv_end.times)),
             "cache_nbytes": runs[-1]["cache_nbytes"],
             "allocations": alloc,
             "tokens_ref": None if is_ref else ref,
