@@ -52,6 +52,9 @@ def _load_weights(name: str) -> CausalLM:
             if name in family.HUB_NAMES or name in family.HUB_NAMES.values():
                 return family.from_pretrained(name)
         hub = [*gpt2.HUB_NAMES, *llama.HUB_NAMES]
+        if os.sep in name or name.endswith(".safetensors"):
+            raise FileNotFoundError(f"{name!r}: no such checkpoint file or directory (pass a "
+                                    f"local Hugging Face folder, or a hub name: {', '.join(hub)})")
         raise FileNotFoundError(
             f"{name!r} is neither a model with released weights ({', '.join(hub)}) nor an "
             "existing file or directory; the other presets have no weights to download: "

@@ -1,3 +1,5 @@
+import json
+import math
 import os
 from pathlib import Path
 
@@ -111,3 +113,69 @@ def left_as_found():
         return check
 
     return note
+
+
+# ---------------------------------------------------------------- kvlib.bench (test_bench_*.py)
+
+BENCH_RUN = {"new_tokens": 12, "window": 8, "lengths": (16, 32),
+             "strategies": ["none", "concat", "prealloc", "sliding"]}
+
+
+@pytest.fixture(scope="session")
+def bench_run(tmp_path_factory):
+    """One small run of the bench CLI (tiny model, 12 tokens, every strategy, with transformers,
+    the no-cache lengths, the overhead section and the plots), shared by the bench tests:
+    ``(folder, settings, results JSON)``."""
+    pytest.importorskip("transformers")
+    from kvlib import bench
+
+    out, s = tmp_path_factory.mktemp("bench"), BENCH_RUN
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        bench.main(["run", "--models", "tiny", "--strategies", ",".join(s["strategies"]),
+                    "--new-tokens", str(s["new_tokens"]), "--repeats", "2", "--window",
+                    str(s["window"]), "--compare", "hf", "--no-cache-lengths",
+                    ",".join(map(str, s["lengths"])), "--overhead", "--overhead-tokens", "6",
+                    "--floor-samples", "4", "--threads", "0", "--no-progress",
+                    "--out", str(out / "results.json"), "--plots", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out, s, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def synthetic_results():
+    """``synthetic_results(step_over_floor, tokens_per_s)``: result rows for gpt2, float32,
+    batch 1 with the given decode tokens/s and floor ratios by (strategy, new tokens)."""
+    def make(step: dict, tps: dict, **extra) -> dict:
+        rows = []
+        for (strategy, n), t in tps.items():
+            rows.append({
+                "model": "gpt2", "dtype": "float32", "batch": 1, "device": "cpu",
+                "new_tokens": n, "strategy": strategy,
+                "backend": "hf" if strategy.startswith("hf") else "kvlib",
+                "decode_tokens_per_s": {"median": t}, "step_ms": {"p50": 1000 / t},
+                "floor_ratio": step.get((strategy, n), math.nan), "first_ms": 10.0,
+                "last_ms": 11.0 if strategy == "prealloc" else 20.0, "end_floor_kv_ratio": 1.1,
+                "wall_s": {"median": 1.0}})
+        return {"results": rows, "environment": {"threads": 2}, "floor": [], **extra}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_like_data(synthetic_results):
+    """``run_like_data()``: a results JSON with no results but every field a report reads."""
+    from kvlib.bench import targets
+
+    def make() -> dict:
+        data = synthetic_results({}, {})
+        return {**data, "targets": targets(data), "created": "now", "duration_s": 60.0,
+                "command": "python -m kvlib.bench run",
+                "environment": {**data["environment"], "cpu_model": "cpu", "cpu_count": 2,
+                                "torch": "2", "python": "3", "transformers": "5",
+                                "platform": "x", "gpu": None},
+                "no_cache": [], "overhead": None}
+
+    return make

@@ -30,5 +30,5 @@ def test_unknown_name_says_what_to_pass():
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a known model name nor an existing file"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file or directory"):
         kvlib.load_model(str(tmp_path / "nowhere" / "model"))

@@ -1,0 +1,162 @@
+"""``python -m kvlib.bench`` (and the ``kvlib-bench`` script): run, report, plot, lockstep,
+compile. See the package docstring for what a run measures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .figures import plot
+from .lockstep import lockstep
+from .overhead import compile_check
+from .plan import PLANS, Suite
+from .report import compile_text, lockstep_text, report, summary_table
+from .run import Bench
+
+DESCRIPTION = ("Benchmarks: every cache strategy, measured against the weight-streaming floor and "
+               "Hugging Face.")
+
+
+def _csv(kind: Callable = str) -> Callable[[str], list]:
+    return lambda s: [kind(x) for x in s.replace(",", " ").split()]
+
+
+def add_run_parser(sub) -> None:
+    r = sub.add_parser("run", help="run benchmarks, write JSON (and plots)")
+    r.add_argument("--plan", choices=sorted(PLANS), help="a named set of suites (overrides the "
+                   "grid options below)")
+    r.add_argument("--models", type=_csv(), default=["gpt2"], help="e.g. tiny,gpt2,gpt2-medium")
+    r.add_argument("--strategies", type=_csv(), default=["none", "concat", "prealloc",
+                                                         "sliding"])
+    r.add_argument("--new-tokens", type=_csv(int), default=[200])
+    r.add_argument("--batch", type=_csv(int), default=[1])
+    r.add_argument("--dtype", type=_csv(), default=["float32"], help="float32,bfloat16,float16")
+    r.add_argument("--device", type=_csv(), default=["cpu"], help="cpu,cuda,mps")
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--window", type=int, default=128, help="sliding window (tokens)")
+    r.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    r.add_argument("--compare", choices=["hf"], help="also run transformers' DynamicCache and "
+                   "StaticCache with the same weights")
+    r.add_argument("--no-cache-lengths", type=_csv(int), default=[64, 256, 512, 1000])
+    r.add_argument("--overhead", action="store_true", help="measure per-step overhead")
+    r.add_argument("--overhead-tokens", type=int, default=100)
+    r.add_argument("--floor-samples", type=int, default=20, help="floor steps timed per group")
+    r.add_argument("--out", default="results.json")
+    r.add_argument("--plots", help="directory for the PNG plots")
+    r.add_argument("--note", default="", help="a line stored in the JSON and shown in the report")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def add_other_parsers(sub) -> None:
+    rep = sub.add_parser("report", help="Markdown tables of a results JSON (to stdout)")
+    rep.add_argument("json")
+    rep.add_argument("--plots-dir", default="", help="where the PNGs are (to list only those)")
+    rep.add_argument("--compile", help="a JSON written by the compile command, to include")
+    rep.add_argument("--lockstep", help="a JSON written by the lockstep command, to include")
+    ls = sub.add_parser("lockstep", help="kvlib, DynamicCache and the floor one step each, in "
+                        "turn (needs transformers)")
+    ls.add_argument("--model", default="gpt2")
+    ls.add_argument("--strategy", default="prealloc", choices=["concat", "prealloc"])
+    ls.add_argument("--new-tokens", type=_csv(int), default=[200, 1000])
+    ls.add_argument("--repeats", type=int, default=3)
+    ls.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    ls.add_argument("--out", default="lockstep.json")
+    ls.add_argument("--no-progress", action="store_true")
+    co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")
+    co.add_argument("--model", default="gpt2")
+    co.add_argument("--new-tokens", type=int, default=100)
+    co.add_argument("--threads", type=int, default=2)
+    co.add_argument("--out", default="compile.json")
+    pl = sub.add_parser("plot", help="PNG plots of a results JSON")
+    pl.add_argument("json")
+    pl.add_argument("--dir", default=".")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m kvlib.bench", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_run_parser(sub)
+    add_other_parsers(sub)
+    return ap.parse_args(argv)
+
+
+def _read(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _write(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _command(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "kvlib.bench", *argv])
+
+
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
+    data = _read(args.json)
+    if args.compile:
+        data["compile"] = _read(args.compile)
+    if args.lockstep:
+        data["lockstep"] = _read(args.lockstep)
+    print(report(data, args.plots_dir))
+
+
+def cmd_compile(args: argparse.Namespace, argv: list[str]) -> None:
+    c = compile_check(args.model, args.new_tokens)
+    _write(args.out, c)
+    print(compile_text(c))
+
+
+def cmd_lockstep(args: argparse.Namespace, argv: list[str]) -> None:
+    d = lockstep(args.model, tuple(args.new_tokens), args.repeats, args.strategy,
+                 progress=not args.no_progress)
+    d["command"] = _command(argv)
+    _write(args.out, d)
+    print("\n".join(lockstep_text(d)))
+
+
+def cmd_plot(args: argparse.Namespace, argv: list[str]) -> None:
+    for p in plot(_read(args.json), args.dir):
+        print(p)
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
+    if args.plan:
+        suites = PLANS[args.plan]
+    else:
+        suites = [Suite(args.models, args.strategies, args.new_tokens, args.batch, args.dtype,
+                        args.device, args.repeats, args.compare == "hf")]
+    bench = Bench(suites, warmup=args.warmup, window=args.window,
+                  no_cache_lengths=tuple(args.no_cache_lengths), overhead=args.overhead,
+                  overhead_tokens=args.overhead_tokens, floor_samples=args.floor_samples,
+                  progress=not args.no_progress, command=_command(argv))
+    data = bench.run()
+    data["note"] = args.note
+    _write(args.out, data)
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.plots:
+        for p in plot(data, args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+    print(f"\nDecode speed (medians over the repeats; step / floor: the median decode step over "
+          f"the weight-streaming floor)\n\n{summary_table(data)}\n\nEvery table: python -m "
+          f"kvlib.bench report {shlex.quote(args.out)}")
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
+            "compile": cmd_compile}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    COMMANDS[args.cmd](args, argv)

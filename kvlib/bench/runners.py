@@ -1,0 +1,104 @@
+"""The generation loops a run times, all with one shape: ``stream(idx, n)`` yields ``(tokens,
+seconds)`` per new token (the first is the prefill), and ``cache_nbytes()`` says what the cache
+holds afterwards. kvlib's loop with each strategy, and transformers' GPT-2 with its own caches."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ..generate import generate_stream
+from ..models import CausalLM, GPTModel
+from ..timing import Stopwatch
+
+
+class KvlibRunner:
+    """kvlib's own generation loop (``generate_stream``) with one cache strategy."""
+
+    def __init__(self, model: CausalLM, strategy: str, window: int) -> None:
+        self.model, self.strategy = model, strategy
+        self.window = window if strategy == "sliding" else None
+
+    def stream(self, idx: Tensor, n: int) -> Iterator[tuple[Tensor, float]]:
+        cache = None if self.strategy == "none" else self.strategy
+        for step in generate_stream(self.model, idx, n, cache=cache, window=self.window):
+            yield step.tokens, step.seconds
+
+    def cache_nbytes(self) -> int:
+        return self.model.kv_cache_nbytes
+
+
+class HFRunner:
+    """transformers' GPT2LMHeadModel in the same loop shape: prefill, then one token per step,
+    logits for the last position only, greedy; the timer covers forward and argmax, as kvlib's."""
+
+    def __init__(self, hf, kind: str) -> None:
+        self.hf, self.kind, self.cache = hf, kind, None
+        # transformers 5 renamed past_key_values to cache
+        params = inspect.signature(hf.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self, batch: int, max_len: int):
+        from transformers import DynamicCache, StaticCache
+
+        if self.kind == "hf-dynamic":
+            return DynamicCache(config=self.hf.config)
+        try:
+            return StaticCache(config=self.hf.config, max_cache_len=max_len)
+        except TypeError:  # transformers 4.x also wants the batch size
+            return StaticCache(config=self.hf.config, max_batch_size=batch,
+                               max_cache_len=max_len)
+
+    @torch.inference_mode()
+    def stream(self, idx: Tensor, n: int) -> Iterator[tuple[Tensor, float]]:
+        self.cache = self.new_cache(idx.shape[0], idx.shape[1] + n)
+        nxt = idx
+        for _ in range(n):
+            with Stopwatch(idx.device) as sw:
+                out = self.hf(input_ids=nxt, use_cache=True, logits_to_keep=1,
+                              **{self.cache_kw: self.cache})
+                nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+            yield nxt[:, 0], sw.seconds
+
+    def cache_nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def hf_twin(model: CausalLM):
+    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (same dtype and device)."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError as e:
+        raise ImportError('--compare hf needs transformers: pip install "kvlib[compare]"') from e
+    from ..hf.gpt2 import hf_config, to_hf_state_dict
+
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"--compare hf runs transformers' GPT-2, not a {type(model).__name__}")
+    p = next(model.parameters())
+    config = hf_config(model.cfg)
+    config._attn_implementation = "sdpa"  # the same attention kernel as kvlib
+    config.bos_token_id = config.eos_token_id = min(50256, config.vocab_size - 1)  # small vocabs
+    hf = GPT2LMHeadModel(config)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
+        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return hf.to(device=p.device, dtype=p.dtype).eval()
+
+
+def time_run(runner, idx: Tensor, n: int) -> dict:
+    """One generation of ``n`` tokens: tokens, prefill seconds, decode step seconds, wall time."""
+    tokens, times = [], []
+    with Stopwatch(idx.device) as wall:
+        for tok, seconds in runner.stream(idx, n):
+            tokens.append(tok)
+            times.append(seconds)
+    return {"tokens": torch.stack(tokens, dim=1).cpu(), "prefill": times[0], "steps": times[1:],
+            "wall": wall.seconds}

@@ -1,0 +1,44 @@
+"""kvlib.bench.cli: ``python -m kvlib.bench`` talks to a person, without the profiler's noise."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvlib.bench import main
+from kvlib.bench.profiling import PROFILER_NOISE
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_run_talks_to_a_person_without_profiler_noise(tmp_path, capfd):
+    main(["run", "--models", "tiny", "--strategies", "none,prealloc,sliding", "--window", "4",
+          "--new-tokens", "8", "--repeats", "1", "--no-cache-lengths", "8", "--floor-samples",
+          "2", "--threads", "0", "--no-progress", "--out", str(tmp_path / "r.json")])
+    out, err = capfd.readouterr()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["allocations"] for r in data["results"])  # the profiler did run
+    for noise in PROFILER_NOISE:
+        assert noise not in out + err, noise
+    assert f"wrote {tmp_path / 'r.json'}" in err
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
+    for column in ("strategy", "decode tok/s", "step / floor", "cache held"):
+        assert column in header, column
+    rows = [line.split() for line in lines[lines.index(header) + 2:] if line.startswith("tiny")]
+    assert [row[5] for row in rows] == ["no", "prealloc", "sliding"]  # "no cache", as written
+    assert "no cache" in out and "sliding (window 4)" in out and "0 B" in out
+    assert f"report {tmp_path / 'r.json'}" in out
+
+
+def test_python_dash_m_reports_the_stored_run():
+    done = subprocess.run([sys.executable, "-m", "kvlib.bench", "report",
+                           "benchmarks/results.json", "--lockstep", "benchmarks/lockstep.json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# Benchmark results") and "## Lockstep" in done.stdout

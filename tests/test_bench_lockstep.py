@@ -1,0 +1,42 @@
+"""kvlib.bench.lockstep: kvlib, DynamicCache and the floor take one decode step each, in turn."""
+
+import json
+
+import pytest
+
+from kvlib.bench import SCHEMA, lockstep_summary, main, report
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lockstep_runs_the_three_in_turn(tmp_path, run_like_data):
+    out = tmp_path / "lockstep.json"
+    main(["lockstep", "--model", "tiny", "--new-tokens", "8", "--repeats", "2",
+          "--threads", "0", "--no-progress", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["schema"] == SCHEMA + "/lockstep" and d["command"].startswith(
+        "python -m kvlib.bench lockstep --model tiny")
+    (r,) = d["runs"]
+    assert r["new_tokens"] == 8 and len(r["repeats"]) == 2
+    assert r["same_tokens"] is True  # kvlib's prealloc and DynamicCache: the same greedy tokens
+    for rep in r["repeats"]:
+        assert len(rep["kvlib_ms"]) == len(rep["hf_ms"]) == len(rep["floor_ms"]) == 7
+        assert sorted(rep["order"]) == ["floor", "hf", "kvlib"]
+    assert [rep["order"][0] for rep in r["repeats"]] == ["kvlib", "hf"]  # rotated per repeat
+    for key in ("kvlib_over_hf_tokens_per_s", "step_over_floor", "flatness"):
+        assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"], key
+    data = {**run_like_data(), "lockstep": d}
+    text = report(data)
+    assert "## Lockstep" in text and "| 8 | 2 |" in text and d["command"] in text
+
+
+def test_lockstep_summary_cancels_drift_per_floor_step():
+    drift = [1 + i / 100 for i in range(300)]  # the machine slows by 3x over the run
+    rep = {"kvlib_ms": [2 * d for d in drift], "hf_ms": [3 * d for d in drift],
+           "floor_ms": drift, "same_tokens": True}
+    s = lockstep_summary([rep])
+    assert s["kvlib_over_hf_tokens_per_s"]["median"] == pytest.approx(1.5)
+    assert s["step_over_floor"]["median"] == pytest.approx(2.0)
+    assert s["flatness"]["median"] > 2  # raw: the drift shows up as growth
+    assert s["flatness_per_floor"]["median"] == pytest.approx(1.0)  # per floor step: flat

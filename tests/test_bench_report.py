@@ -1,0 +1,66 @@
+"""kvlib.bench.report and kvlib.bench.figures: RESULTS.md, the PNGs and the run's summary table,
+all from the JSON."""
+
+import json
+from pathlib import Path
+
+from kvlib.bench import PLOTS, compile_text, main, report
+from kvlib.bench.report import summary_table
+
+
+def test_report_and_plots(bench_run, capsys):
+    out, _, data = bench_run
+    text = report(data, str(out))
+    for needle in ("## Targets", "## Decode speed", "## Floor and floor + KV",
+                   "## Cache vs no cache, per step", "## Per-step overhead", "hf-static",
+                   "## Where the time above the floor goes", "| without gelu |",
+                   "No GPU on this machine", data["command"], "![Decode step latency"):
+        assert needle in text, needle
+    for name, _ in PLOTS:
+        png = out / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000, name
+    main(["report", str(out / "results.json"), "--plots-dir", str(out)])
+    assert capsys.readouterr().out.strip() == text.strip()
+
+
+def test_report_names_strategies_for_a_reader(bench_run):
+    text = report(bench_run[2])
+    assert "| no cache |" in text and "| none |" not in text
+    assert "| sliding (window 8) |" in text
+
+
+def test_summary_table_has_a_row_per_result(bench_run):
+    data = bench_run[2]
+    lines = summary_table(data).splitlines()
+    assert lines[0].split("  ")[0] == "model" and set(lines[1]) == {"-", " "}
+    for column in ("strategy", "decode tok/s", "step / floor", "cache held"):
+        assert column in lines[0], column
+    assert len(lines) == 2 + len(data["results"])
+    width = len(lines[1])
+    assert all(len(line) <= width for line in lines)  # aligned columns
+    rows = {r["strategy"]: r for r in data["results"]}
+    prealloc = next(line for line in lines if " prealloc " in line)
+    assert f"{rows['prealloc']['decode_tokens_per_s']['median']:.1f}" in prealloc
+    assert f"{rows['prealloc']['floor_ratio']:.2f}" in prealloc
+    assert f"{rows['prealloc']['cache_nbytes'] / 1024:.1f} KiB" in prealloc
+    assert next(line for line in lines if " no cache " in line).endswith(" 0 B")
+
+
+def test_compile_verdict_follows_the_numbers():
+    def record(eager: float, compiled: float) -> dict:
+        ms = lambda m: {"median": m, "q1": m, "q3": m}  # noqa: E731
+        return {"model": "gpt2", "new_tokens": 100, "threads": 2, "first_run_s": 240.0,
+                "eager_step_ms": ms(eager), "compiled_step_ms": ms(compiled), "same_tokens": True}
+
+    assert "does not pay" in compile_text(record(31.0, 30.5))
+    assert "ships no compile path" in compile_text(record(31.0, 32.0))
+    assert "pays off: 6.00 ms" in compile_text(record(31.0, 25.0))
+
+
+def test_the_stored_results_render_to_the_stored_report():
+    """benchmarks/RESULTS.md is exactly what the report makes of the stored JSON files."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    data = json.loads((root / "results.json").read_text())
+    data["compile"] = json.loads((root / "compile.json").read_text())
+    data["lockstep"] = json.loads((root / "lockstep.json").read_text())
+    assert report(data, str(root)) + "\n" == (root / "RESULTS.md").read_text()

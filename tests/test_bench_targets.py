@@ -1,0 +1,54 @@
+"""kvlib.bench.targets: each target judged from the numbers, with its limit from one table."""
+
+from kvlib.bench.targets import TARGETS, Target, lockstep_targets, targets
+
+
+def test_targets_are_judged_from_the_numbers(synthetic_results):
+    data = synthetic_results(
+        {("prealloc", 200): 1.1},
+        {("concat", 200): 30, ("prealloc", 200): 37, ("hf-dynamic", 200): 30,
+         ("prealloc", 1000): 30, ("hf-dynamic", 1000): 25, ("concat", 1000): 20})
+    got = [(round(t["value"], 3), t["met"]) for t in targets(data)]
+    assert got == [(1.233, True),  # 200 tokens: fastest cache (prealloc) vs DynamicCache
+                   (1.1, True),  # its step vs the floor
+                   (1.2, False),  # 1000 tokens: prealloc vs DynamicCache, needs 1.3
+                   (1.1, True),  # step at the end vs floor + KV
+                   (1.1, True),  # flat: last 100 / first 100
+                   (2.0, True)]  # concat's growth, shown
+    assert targets(data)[0]["detail"] == "prealloc"
+    # nothing measured: "not measured", never a pass
+    empty = targets({"results": [], "environment": {"threads": 2}, "floor": []})
+    assert all(t["met"] is None for t in empty)
+
+
+def _lockstep_run(n: int, **medians: float) -> dict:
+    return {"new_tokens": n, **{k: {"median": v} for k, v in medians.items()}}
+
+
+def _lockstep() -> dict:
+    return {"strategy": "prealloc", "runs": [
+        _lockstep_run(200, kvlib_over_hf_tokens_per_s=1.21, step_over_floor=1.19),
+        _lockstep_run(1000, kvlib_over_hf_tokens_per_s=1.28, flatness_per_floor=1.1)]}
+
+
+def test_lockstep_targets_are_judged_from_the_numbers():
+    d = _lockstep()
+    got = [(t["value"], t["met"]) for t in lockstep_targets(d)]
+    assert got == [(1.21, True), (1.19, False), (1.28, False), (1.1, True)]
+    assert all("lockstep" in t["target"] for t in lockstep_targets(d))
+    d["runs"] = d["runs"][:1]  # no 1000-token run: not measured, never a pass
+    assert [t["met"] for t in lockstep_targets(d)][2:] == [None, None]
+
+
+def test_one_table_of_limits_for_both_judges(synthetic_results, monkeypatch):
+    data = synthetic_results({("prealloc", 200): 1.1},
+                             {("prealloc", 200): 37, ("hf-dynamic", 200): 30})
+    judged = [t for t in targets(data) + lockstep_targets(_lockstep()) if t["op"] != "shown"]
+    limits = {(t.op, t.limit) for t in TARGETS.values()}
+    assert {(t["op"], t["limit"]) for t in judged} == limits  # every limit from the table
+    # one edit of the table moves both: the run's row and the lockstep's row
+    monkeypatch.setitem(TARGETS, "faster_than_hf_200", Target(200, ">=", 1.25))
+    run_row, lockstep_row = targets(data)[0], lockstep_targets(_lockstep())[0]
+    assert run_row["limit"] == lockstep_row["limit"] == 1.25
+    assert run_row["met"] is False and lockstep_row["met"] is False  # 1.233 and 1.21
+
