@@ -40,7 +40,9 @@ def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool = Fa
     else:
         raise ValueError(f"unknown model {name!r}: pass a preset ({', '.join(PRESETS)}) "
                          "or the path of a local checkpoint")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype)
+    model.arrange_weights()  # the memory layout this dtype and device decode fastest
+    return model.eval()
 
 
 def _load_weights(name: str) -> CausalLM:

@@ -26,3 +26,24 @@ def test_sliding_needs_window_and_others_refuse_it(tiny):
         kvlib.generate(tiny, P, 5, cache="sliding")
     with pytest.raises(ValueError, match="window applies to 'sliding'"):
         kvlib.generate(tiny, P, 5, cache="prealloc", window=4)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-qwen3"])
+def test_weights_are_laid_out_for_the_dtype(preset):
+    """float32 on a CPU: matrices transposed in memory; bfloat16: row-major. Same values, same
+    shapes, the head still tied, the same logits as a plain cast."""
+    f32 = kvlib.load_model(preset, seed=1)
+    bf16 = kvlib.load_model(preset, seed=1, dtype=torch.bfloat16)
+    for model, transposed in ((f32, True), (bf16, False)):
+        for module in model.weight_matrices():
+            w = module.weight
+            assert (w.stride() == (1, w.shape[0])) is transposed, (preset, type(module))
+            assert w.t().is_contiguous() is transposed
+        if getattr(model.cfg, "tie_embeddings", True):
+            assert model.lm_head.weight is model.weight_matrices()[-1].weight
+    cast = kvlib.load_model(preset, seed=1).to(torch.bfloat16)  # transposed, not re-arranged
+    assert all(torch.equal(a, b) for a, b in zip(bf16.parameters(), cast.parameters(),
+                                                 strict=True))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(bf16(ids), cast(ids))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..generate import generate_stream
-from ..models import CausalLM, GPTModel
+from ..models import CausalLM, GPTModel, LlamaModel
 from ..timing import Stopwatch
 
 
@@ -32,8 +32,9 @@ class KvlibRunner:
 
 
 class HFRunner:
-    """transformers' GPT2LMHeadModel in the same loop shape: prefill, then one token per step,
-    logits for the last position only, greedy; the timer covers forward and argmax, as kvlib's."""
+    """A transformers model (GPT-2, Llama or Qwen3) in the same loop shape: prefill, then one
+    token per step, logits for the last position only, greedy; the timer covers forward and
+    argmax, as kvlib's."""
 
     def __init__(self, hf, kind: str) -> None:
         self.hf, self.kind, self.cache = hf, kind, None
@@ -73,15 +74,27 @@ class HFRunner:
 
 
 def hf_twin(model: CausalLM):
-    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (same dtype and device)."""
+    """transformers' model of ``model``'s family holding exactly its weights (same dtype and
+    device, SDPA attention as kvlib): ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or
+    ``Qwen3ForCausalLM``."""
     try:
-        from transformers import GPT2LMHeadModel
+        import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError('--compare hf needs transformers: pip install "kvlib[compare]"') from e
+    if isinstance(model, LlamaModel):
+        from ..hf.llama import to_hf_model
+
+        return to_hf_model(model, attn_implementation="sdpa")
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"--compare hf has no transformers twin for a {type(model).__name__}")
+    return _gpt2_twin(model)
+
+
+def _gpt2_twin(model: GPTModel):
+    from transformers import GPT2LMHeadModel
+
     from ..hf.gpt2 import hf_config, to_hf_state_dict
 
-    if not isinstance(model, GPTModel):
-        raise TypeError(f"--compare hf runs transformers' GPT-2, not a {type(model).__name__}")
     p = next(model.parameters())
     config = hf_config(model.cfg)
     config._attn_implementation = "sdpa"  # the same attention kernel as kvlib

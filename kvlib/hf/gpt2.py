@@ -112,7 +112,7 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: GPTConfig, source: str = "sta
         model = GPTModel(cfg)
     weights["lm_head.weight"] = weights["wte.weight"]
     model.load_state_dict(weights, assign=True)
-    model.transpose_weight_storage()  # the fast layout for decoding; also re-ties the head
+    model.arrange_weights()  # the fast layout for decoding; also re-ties the head
     return model.eval()
 
 

@@ -206,7 +206,7 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: LlamaConfig, source: str = "s
     if cfg.tie_embeddings:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     model.load_state_dict(weights, assign=True)
-    model.transpose_weight_storage()  # the fast layout for decoding; also ties the head again
+    model.arrange_weights()  # the fast layout for decoding; also ties the head again
     emb = model.embed_tokens.weight
     model.rope.build(cfg.context_length, device=emb.device, dtype=emb.dtype)  # was on meta
     return model.eval()

@@ -116,6 +116,35 @@ class CausalLM(nn.Module):
             cache.reset()
         self.pos = 0
 
+    def weight_matrices(self) -> list[nn.Module]:
+        """The modules whose ``weight`` is a matrix read on every decode step, except a head tied
+        to the token embedding (the same tensor). Each family says which."""
+        raise NotImplementedError
+
+    def tie_head(self) -> None:
+        """Point the output head at the token embedding again, where the family ties them."""
+
+    def arrange_weights(self) -> None:
+        """Lay every weight matrix out in memory as this device and dtype decode fastest; the
+        values and the ``(out, in)`` shapes never change. ``kvlib.load_model`` calls it after
+        casting or moving a model; call it yourself after ``model.to(...)``.
+
+        A decode step multiplies one token's vector by every matrix: ``F.linear(x, W)`` computes
+        ``x @ W.T``. In float32 on a CPU, BLAS streams ``W.T`` faster when it is a contiguous
+        ``(in, out)`` array, so the matrices are kept transposed in memory (Hugging Face's GPT-2
+        stores its projections so, as ``Conv1D``). bfloat16 and float16 kernels (oneDNN on a CPU)
+        and GPUs want the usual row-major ``(out, in)``. ``python -m kvlib.bench`` measures both.
+        """
+        p = next(self.parameters())
+        transposed = p.device.type == "cpu" and p.dtype == torch.float32
+        for module in self.weight_matrices():
+            w = module.weight.detach()
+            if w.is_meta:
+                continue
+            w = w.t().contiguous().t() if transposed else w.contiguous()
+            module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
+        self.tie_head()
+
     @property
     def kv_cache_nbytes(self) -> int:
         return sum(cache.nbytes for cache in self.caches)

@@ -112,22 +112,15 @@ class GPTModel(CausalLM):
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-        self.transpose_weight_storage()
+        self.arrange_weights()  # the fast layout for decoding (see CausalLM.arrange_weights)
 
-    def transpose_weight_storage(self) -> None:
-        """Keep every weight matrix (and the tied head) transposed in memory: same values, same
-        ``(out, in)`` shape, so nothing else changes.
+    def weight_matrices(self) -> list[nn.Module]:
+        """Every linear layer and the token embedding, which is also the output head (tied)."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear) and m is not self.lm_head]
+        return [*linears, self.wte]
 
-        A decode step multiplies one token's vector by every matrix: ``F.linear(x, W)`` computes
-        ``x @ W.T``, and when ``W.T`` is a contiguous ``(in, out)`` array the CPU's BLAS streams it
-        faster than a contiguous ``W`` (``python -m kvlib.bench overhead`` measures it). Hugging
-        Face's GPT-2 stores its projections so (``Conv1D``). A lookup in the token embedding then
-        reads a strided row, which costs next to nothing.
-        """
-        for module in [*(m for m in self.modules() if isinstance(m, nn.Linear)), self.wte]:
-            if module is not self.lm_head:  # the head is wte's weight
-                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
-        self.lm_head.weight = self.wte.weight  # tie again
+    def tie_head(self) -> None:
+        self.lm_head.weight = self.wte.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

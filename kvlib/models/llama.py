@@ -275,16 +275,16 @@ class LlamaModel(CausalLM):
         for module in self.modules():  # transformers' init: normal(0, 0.02), RMSNorm weights 1
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        self.transpose_weight_storage()
+        self.arrange_weights()  # the fast layout for decoding (see CausalLM.arrange_weights)
 
-    def transpose_weight_storage(self) -> None:
-        """Keep every weight matrix transposed in memory, as ``GPTModel`` does (same values, same
-        ``(out, in)`` shape; a decode step's ``x @ W.T`` then streams a contiguous array), and tie
-        the output head to the token embedding if the config says so."""
-        for module in [*(m for m in self.modules() if isinstance(m, nn.Linear)),
-                       self.embed_tokens]:
-            if not (self.cfg.tie_embeddings and module is self.lm_head):
-                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
+    def weight_matrices(self) -> list[nn.Module]:
+        """Every linear layer and the token embedding, less the head when it is tied to it."""
+        tied = self.cfg.tie_embeddings
+        linears = [m for m in self.modules()
+                   if isinstance(m, nn.Linear) and not (tied and m is self.lm_head)]
+        return [*linears, self.embed_tokens]
+
+    def tie_head(self) -> None:
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
