@@ -22,6 +22,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_fast_bf16() -> bool | None:
+    """Whether the CPU has bfloat16 matrix instructions (x86: AVX512-BF16 or AMX; Arm: BF16),
+    without which bfloat16 matrix products run on a slow path. None where it cannot tell."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) if flags else None
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -46,6 +60,8 @@ def environment_info(device: str = "cpu") -> dict:
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(), "gpu": gpu, "device": device,
         "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
     }
 
 

@@ -64,3 +64,36 @@ def test_the_stored_results_render_to_the_stored_report():
     data["compile"] = json.loads((root / "compile.json").read_text())
     data["lockstep"] = json.loads((root / "lockstep.json").read_text())
     assert report(data, str(root)) + "\n" == (root / "RESULTS.md").read_text()
+
+
+def _floor(dtype: str, nbytes: int, ms: float) -> dict:
+    return {"model": "gpt2", "dtype": dtype, "device": "cpu", "batch": 1, "new_tokens": 50,
+            "kv_len": 0, "weight_nbytes": nbytes, "kv_nbytes": 0, "ms": {"median": ms}}
+
+
+def test_a_slow_half_precision_floor_is_flagged():
+    from kvlib.bench.report import floor_check_lines, floor_gbps
+
+    f32 = _floor("float32", 500_000_000, 25.0)  # 20 GB/s
+    healthy = _floor("bfloat16", 250_000_000, 14.0)  # 17.9 GB/s
+    slow = _floor("bfloat16", 250_000_000, 300.0)  # 0.8 GB/s: the old AMD run's symptom
+    assert floor_gbps(f32) == 20.0
+    assert floor_check_lines([f32, healthy], {"cpu_fast_bf16": True}) == []
+    (line,) = floor_check_lines([f32, slow], {"cpu_fast_bf16": False})
+    assert "gpt2 bfloat16 floor streams 0.8 GB/s, 0.04x the float32 floor's 20.0 GB/s" in line
+    assert "no bfloat16 matrix instructions" in line
+    assert floor_check_lines([slow], {}) == []  # nothing to compare with
+
+
+def test_report_appends_other_runs(tmp_path, capsys, run_like_data):
+    import json
+
+    from kvlib.bench import main
+
+    first, second = run_like_data(), {**run_like_data(), "title": "Modern models"}
+    for name, d in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(json.dumps(d))
+    main(["report", str(tmp_path / "a.json"), "--also", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert out.startswith("# Benchmark results\n") and "\n---\n" in out
+    assert out.index("# Modern models") > out.index("\n---\n")

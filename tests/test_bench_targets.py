@@ -1,5 +1,7 @@
 """kvlib.bench.targets: each target judged from the numbers, with its limit from one table."""
 
+import pytest
+
 from kvlib.bench.targets import TARGETS, Target, lockstep_targets, targets
 
 
@@ -44,7 +46,8 @@ def test_one_table_of_limits_for_both_judges(synthetic_results, monkeypatch):
     data = synthetic_results({("prealloc", 200): 1.1},
                              {("prealloc", 200): 37, ("hf-dynamic", 200): 30})
     judged = [t for t in targets(data) + lockstep_targets(_lockstep()) if t["op"] != "shown"]
-    limits = {(t.op, t.limit) for t in TARGETS.values()}
+    gpt2 = [k for k in TARGETS if not k.startswith(("qwen3", "bf16"))]
+    limits = {(TARGETS[k].op, TARGETS[k].limit) for k in gpt2}
     assert {(t["op"], t["limit"]) for t in judged} == limits  # every limit from the table
     # one edit of the table moves both: the run's row and the lockstep's row
     monkeypatch.setitem(TARGETS, "faster_than_hf_200", Target(200, ">=", 1.25))
@@ -52,3 +55,28 @@ def test_one_table_of_limits_for_both_judges(synthetic_results, monkeypatch):
     assert run_row["limit"] == lockstep_row["limit"] == 1.25
     assert run_row["met"] is False and lockstep_row["met"] is False  # 1.233 and 1.21
 
+
+
+def _row(model: str, dtype: str, strategy: str, step_ms: float, floor_ratio: float,
+         tokens: list[int]) -> dict:
+    return {"model": model, "dtype": dtype, "batch": 1, "device": "cpu", "new_tokens": 200,
+            "strategy": strategy, "backend": "hf" if strategy.startswith("hf") else "kvlib",
+            "decode_tokens_per_s": {"median": 1000 / step_ms}, "step_ms": {"p50": step_ms},
+            "floor_ratio": floor_ratio, "tokens": tokens}
+
+
+def test_qwen3_and_bfloat16_targets():
+    res = [_row("qwen3-0.6b", "float32", "prealloc", 150.0, 1.07, [1, 2, 3]),
+           _row("qwen3-0.6b", "float32", "concat", 151.0, 1.08, [1, 2, 3]),
+           _row("qwen3-0.6b", "float32", "hf-dynamic", 160.0, 1.14, [1, 2, 3]),
+           _row("qwen3-0.6b", "bfloat16", "prealloc", 100.0, 1.2, [1, 2, 4]),
+           _row("gpt2", "bfloat16", "prealloc", 20.0, 1.1, [5, 6])]
+    rows = targets({"results": res, "environment": {"threads": 2}})
+    near, fast = (t for t in rows if t["target"].startswith("Qwen3"))
+    assert near["value"] == 1.07 and near["met"] is True and near["detail"] == "prealloc"
+    assert fast["value"] == pytest.approx(160 / 150) and fast["met"] is True
+    bf16 = [t for t in rows if "bfloat16" in t["target"]]
+    assert [t["target"].split(",")[0] for t in bf16] == ["gpt2", "qwen3-0.6b"]
+    assert bf16[0]["met"] is None  # gpt2 has no float32 run here: not measured, never a pass
+    assert bf16[1]["value"] == pytest.approx(100 / 150) and bf16[1]["met"] is True
+    assert bf16[1]["detail"] == "greedy tokens equal for 2 of 3, then differ"

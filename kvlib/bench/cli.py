@@ -51,6 +51,7 @@ def add_run_parser(sub) -> None:
     r.add_argument("--out", default="results.json")
     r.add_argument("--plots", help="directory for the PNG plots")
     r.add_argument("--note", default="", help="a line stored in the JSON and shown in the report")
+    r.add_argument("--title", default="", help="the report's title (default: Benchmark results)")
     r.add_argument("--no-progress", action="store_true")
 
 
@@ -60,6 +61,8 @@ def add_other_parsers(sub) -> None:
     rep.add_argument("--plots-dir", default="", help="where the PNGs are (to list only those)")
     rep.add_argument("--compile", help="a JSON written by the compile command, to include")
     rep.add_argument("--lockstep", help="a JSON written by the lockstep command, to include")
+    rep.add_argument("--also", action="append", default=[], help="another run's JSON (e.g. "
+                     "another plan or machine), appended as its own report; repeatable")
     ls = sub.add_parser("lockstep", help="kvlib, DynamicCache and the floor one step each, in "
                         "turn (needs transformers)")
     ls.add_argument("--model", default="gpt2")
@@ -107,6 +110,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.lockstep:
         data["lockstep"] = _read(args.lockstep)
     print(report(data, args.plots_dir))
+    for path in args.also:  # each with its own machine, commands and targets
+        print("\n---\n")
+        print(report(_read(path)))
 
 
 def cmd_compile(args: argparse.Namespace, argv: list[str]) -> None:
@@ -140,6 +146,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
                   progress=not args.no_progress, command=_command(argv))
     data = bench.run()
     data["note"] = args.note
+    data["title"] = args.title
     _write(args.out, data)
     print(f"wrote {args.out}", file=sys.stderr)
     if args.plots:

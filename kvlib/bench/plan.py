@@ -67,6 +67,15 @@ PLANS: dict[str, list[Suite]] = {
               compare_hf=True),
         Suite(["tiny", "gpt2"], ["prealloc"], [50], dtypes=["bfloat16"], repeats=1),
     ],
+    # The Qwen3-0.6B shape against transformers' Qwen3ForCausalLM, and bfloat16 against float32
+    # for both families (issue 12's targets).
+    "modern": [
+        Suite(["qwen3-0.6b"], ["concat", "prealloc"], [200], repeats=3, compare_hf=True),
+        Suite(["qwen3-0.6b"], ["prealloc"], [200], dtypes=["bfloat16"], repeats=3),
+        Suite(["gpt2"], ["prealloc"], [200], dtypes=["float32", "bfloat16"], repeats=3),
+        Suite(["tiny-llama", "tiny-qwen3"], ["none", "concat", "prealloc", "sliding"], [200],
+              repeats=3, compare_hf=True),
+    ],
     "quick": [  # the tiny model only (what the tests run)
         Suite(["tiny"], ["none", "concat", "prealloc", "sliding"], [32], repeats=2,
               compare_hf=True),

@@ -171,6 +171,7 @@ class Bench:
             **step_stats(steps, median_ms(floor_no_kv.times), median_ms(floor_kv_end.times)),
             "cache_nbytes": runs[-1]["cache_nbytes"],
             "allocations": alloc,
+            "tokens": runs[0]["tokens"][0].tolist(),  # the first sequence's new tokens
             "tokens_ref": None if is_ref else ref,
             **token_match(runs, None if is_ref else ref_runs),
         }

@@ -29,7 +29,13 @@ TARGETS: dict[str, Target] = {
     "near_floor_kv_end_1000": Target(1000, "<=", 1.2),
     # the median of the last 100 steps over the first 100 (lockstep: each step per floor step)
     "flat_1000": Target(1000, "<=", 1.25),
+    # the Qwen3-0.6B shape (28 layers, grouped-query attention), float32: kvlib's fastest cache
+    "qwen3_near_floor_200": Target(200, "<=", 1.08),  # median decode step / floor
+    "qwen3_faster_than_hf_200": Target(200, ">=", 1.05),  # over transformers' DynamicCache
+    # the prealloc decode step in bfloat16 over the same step in float32, per model
+    "bf16_step_200": Target(200, "<=", 0.75),
 }
+QWEN3 = {**BASE, "model": "qwen3-0.6b"}  # the modern targets' cells
 
 
 def find(results: list[dict], **kw) -> dict | None:
@@ -57,10 +63,15 @@ def _ratio(a: dict | None, b: dict | None, key: str = "decode_tokens_per_s") -> 
 
 
 def targets(data: dict) -> list[dict]:
-    """The issue's targets (gpt2, float32, batch 1, CPU), each met, not met or not measured."""
+    """The targets of the models a run measured (gpt2 and Qwen3-0.6B in float32, batch 1, CPU;
+    bfloat16 against float32), each met, not met or not measured."""
     res = data["results"]
-    out = targets_200(res) + targets_1000(res)
-    out += shown_rows(res, best_at_200(res))
+    out = []
+    if find(res, **BASE):
+        out += targets_200(res) + targets_1000(res) + shown_rows(res, best_at_200(res))
+    if find(res, **QWEN3):
+        out += qwen3_targets(res)
+    out += bf16_targets(res)
     threads = data["environment"]["threads"]
     if threads != 2:
         for t in out:
@@ -69,11 +80,11 @@ def targets(data: dict) -> list[dict]:
     return out
 
 
-def best_at_200(res: list[dict]) -> dict | None:
+def best_at_200(res: list[dict], cell: dict = BASE) -> dict | None:
     """kvlib's fastest cache at 200 tokens among those that give HF's tokens (sliding attends to
     fewer: not compared)."""
     mine = [r for r in res if r["strategy"] in ("concat", "prealloc") and r["new_tokens"] == 200
-            and all(r[k] == v for k, v in BASE.items())]
+            and all(r[k] == v for k, v in cell.items())]
     return max(mine, key=lambda r: r["decode_tokens_per_s"]["median"], default=None)
 
 
@@ -108,6 +119,42 @@ def shown_rows(res: list[dict], best: dict | None) -> list[dict]:
         out.append(shown_row(f"200 tokens end to end: {NO_CACHE} / prealloc, wall time (expect "
                              "~3.5-4x)", _ratio(none, pre200, "wall_s")))
     return out
+
+
+def qwen3_targets(res: list[dict]) -> list[dict]:
+    best, hf = best_at_200(res, QWEN3), find(res, strategy="hf-dynamic", new_tokens=200, **QWEN3)
+    name = best["strategy"] if best else ""
+    return [target_row("qwen3_near_floor_200", "Qwen3-0.6B shape, 200 tokens: fastest kvlib "
+                       "cache's median decode step / floor", best["floor_ratio"] if best else None,
+                       name),
+            target_row("qwen3_faster_than_hf_200", "Qwen3-0.6B shape, 200 tokens: fastest kvlib "
+                       "cache / transformers' Qwen3ForCausalLM with DynamicCache, decode tokens/s",
+                       _ratio(best, hf), name if hf else "")]
+
+
+def bf16_targets(res: list[dict]) -> list[dict]:
+    """For each model run in bfloat16: its prealloc decode step over float32's, and whether the
+    greedy tokens stay equal (else the first step where they part)."""
+    rows = []
+    models = sorted({r["model"] for r in res if r["dtype"] == "bfloat16"})
+    for model in models:
+        cell = {**BASE, "model": model, "strategy": "prealloc", "new_tokens": 200}
+        f32, bf16 = find(res, **cell), find(res, **{**cell, "dtype": "bfloat16"})
+        ratio = bf16["step_ms"]["p50"] / f32["step_ms"]["p50"] if f32 and bf16 else None
+        rows.append(target_row("bf16_step_200", f"{model}, 200 tokens: bfloat16 prealloc "
+                               "median decode step / float32's", ratio, _agreement(f32, bf16)))
+    return rows
+
+
+def _agreement(a: dict | None, b: dict | None) -> str:
+    """How far two runs' greedy tokens agree, for the targets' detail column."""
+    if not (a and b and a.get("tokens") and b.get("tokens")):
+        return ""
+    n = len(a["tokens"])
+    part = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"], strict=True))
+                 if x != y), None)
+    return (f"same {n} greedy tokens" if part is None
+            else f"greedy tokens equal for {part} of {n}, then differ")
 
 
 LOCKSTEP = [  # (target, what the lockstep run measured of it, how the report names it)
