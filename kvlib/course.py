@@ -1,4 +1,5 @@
-"""Small helpers the chapters share: where the course lives, and showing kvlib's real source."""
+"""Small helpers the chapters share: where the course lives, showing kvlib's real source, and
+handing a computed value to the book's prose."""
 
 from __future__ import annotations
 
@@ -16,3 +17,15 @@ def show_source(obj) -> object:
         return Markdown(f"```python\n{src}```")
     except ImportError:  # plain Python: just the text
         return src
+
+
+def glue(name: str, value) -> None:
+    """Hand ``value`` to the book's prose, which shows it where it says ``{glue:text}`name```
+    (MyST-NB's ``glue``, output hidden), so no sentence restates a number by hand. Without
+    MyST-NB (Colab, a plain Jupyter) there is no book to show it in and this does nothing: the
+    chapters print every value they glue."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return
+    myst_glue(name, value, display=False)

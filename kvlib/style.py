@@ -17,6 +17,8 @@ COLORS = {
     "outline-future": "#cccccc", "slot-link": "#aaaaaa", "step-marker": "#999999",
     # memory pictures
     "weights": "#7f7f7f", "cache-without-gqa": "#c5b0d5", "context-limit": "#bbbbbb",
+    # RoPE pictures: a key's arrow at the first position fades into its arrow at the last
+    "rope-first": "#aec7e8", "rope-last": "#08306b",
 }
 
 

@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = Path(os.environ.get("KVLIB_BOOK_HTML", ROOT / "_build" / "html"))
 CHAPTERS = ["01_no_cache", "02_kv_cache", "03_memory", "04_prealloc", "05_sliding_window",
-            "06_measurements"]
+            "06_measurements", "07_modern_caches"]
 PAGES = [p for p in os.environ.get("KVLIB_BOOK_PAGES", "").split(",") if p] or [
     f"notebooks/{c}.html" for c in CHAPTERS]
 SCREENS = ROOT / ".artifacts" / "screens"
