@@ -2,6 +2,7 @@
 all from the JSON."""
 
 import json
+import shlex
 from pathlib import Path
 
 from kvlib.bench import PLOTS, compile_text, main, report
@@ -19,8 +20,11 @@ def test_report_and_plots(bench_run, capsys):
     for name, _ in PLOTS:
         png = out / name
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000, name
-    main(["report", str(out / "results.json"), "--plots-dir", str(out)])
-    assert capsys.readouterr().out.strip() == text.strip()
+    argv = ["report", str(out / "results.json"), "--plots-dir", str(out)]
+    main(argv)
+    command = shlex.join(["python", "-m", "kvlib.bench", *argv]) + " > benchmarks/RESULTS.md"
+    assert capsys.readouterr().out.strip() == report({**data, "report_command": command},
+                                                     str(out)).strip()
 
 
 def test_report_names_strategies_for_a_reader(bench_run):
@@ -57,13 +61,22 @@ def test_compile_verdict_follows_the_numbers():
     assert "pays off: 6.00 ms" in compile_text(record(31.0, 25.0))
 
 
-def test_the_stored_results_render_to_the_stored_report():
-    """benchmarks/RESULTS.md is exactly what the report makes of the stored JSON files."""
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
-    data = json.loads((root / "results.json").read_text())
-    data["compile"] = json.loads((root / "compile.json").read_text())
-    data["lockstep"] = json.loads((root / "lockstep.json").read_text())
-    assert report(data, str(root)) + "\n" == (root / "RESULTS.md").read_text()
+REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",
+               "benchmarks/compile.json", "--lockstep", "benchmarks/lockstep.json", "--also",
+               "benchmarks/modern.json"]
+
+
+def test_the_stored_results_render_to_the_stored_report(capsys, monkeypatch):
+    """benchmarks/RESULTS.md is exactly what the report command (the one RESULTS.md names)
+    makes of the stored JSON files."""
+    from kvlib.bench import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    main(REPORT_ARGS)
+    stored = (root / "benchmarks" / "RESULTS.md").read_text()
+    assert capsys.readouterr().out == stored
+    assert "python -m kvlib.bench " + " ".join(REPORT_ARGS) in stored
 
 
 def _floor(dtype: str, nbytes: int, ms: float) -> dict:
@@ -86,7 +99,6 @@ def test_a_slow_half_precision_floor_is_flagged():
 
 
 def test_report_appends_other_runs(tmp_path, capsys, run_like_data):
-    import json
 
     from kvlib.bench import main
 

@@ -104,7 +104,8 @@ def _command(argv: list[str]) -> str:
 
 
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
-    data = _read(args.json)
+    command = _command(argv) + " > benchmarks/RESULTS.md"  # named in every part it prints
+    data = {**_read(args.json), "report_command": command}
     if args.compile:
         data["compile"] = _read(args.compile)
     if args.lockstep:
@@ -112,7 +113,7 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     print(report(data, args.plots_dir))
     for path in args.also:  # each with its own machine, commands and targets
         print("\n---\n")
-        print(report(_read(path)))
+        print(report({**_read(path), "report_command": command}))
 
 
 def cmd_compile(args: argparse.Namespace, argv: list[str]) -> None:

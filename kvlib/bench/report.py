@@ -73,10 +73,11 @@ def command_lines(data: dict) -> list[str]:
                  f"{c['new_tokens']} --threads {c['threads']} --out benchmarks/compile.json\n")
     if data.get("lockstep"):
         extra += data["lockstep"]["command"] + "\n"
-    report_cmd = ("python -m kvlib.bench report benchmarks/results.json --plots-dir benchmarks"
-                  + (" --compile benchmarks/compile.json" if data.get("compile") else "")
-                  + (" --lockstep benchmarks/lockstep.json" if data.get("lockstep") else "")
-                  + " > benchmarks/RESULTS.md")
+    report_cmd = data.get("report_command") or (
+        "python -m kvlib.bench report benchmarks/results.json --plots-dir benchmarks"
+        + (" --compile benchmarks/compile.json" if data.get("compile") else "")
+        + (" --lockstep benchmarks/lockstep.json" if data.get("lockstep") else "")
+        + " > benchmarks/RESULTS.md")
     return ["**Commands** (from the repository root):\n\n```bash\n" + data["command"] + "\n"
             + extra + report_cmd + "\n```\n"]
 
@@ -229,14 +230,17 @@ def floor_check_lines(floors: list[dict], env: dict) -> list[str]:
             continue
         ratio = floor_gbps(f) / ref
         if ratio < 0.5:
-            fast = env.get("cpu_fast_bf16")
-            why = {True: "although this CPU reports bfloat16 instructions",
-                   False: "this CPU has no bfloat16 matrix instructions (AVX512-BF16, AMX)",
-                   None: "this machine does not say whether its CPU has bfloat16 instructions"}
-            lines.append(f"**Flagged:** {f['model']} {f['dtype']} floor streams "
+            why = {True: "This CPU has bfloat16 instructions (AVX512-BF16 or AMX), yet the "
+                         "kernels torch picks for one token's matrix-vector products do not "
+                         "stream faster than in float32.",
+                   False: "This CPU has no bfloat16 matrix instructions (AVX512-BF16, AMX): "
+                          "bfloat16 runs on a slow emulated path.",
+                   None: "The run did not record whether this CPU has bfloat16 instructions."}
+            lines.append(f"**Flagged:** the {f['model']} {f['dtype']} floor streams "
                          f"{floor_gbps(f):.1f} GB/s, {ratio:.2f}x the float32 floor's "
-                         f"{ref:.1f} GB/s: {why[fast]}, so its {f['dtype']} kernels run on a slow "
-                         "path and its numbers say little about the dtype.\n")
+                         f"{ref:.1f} GB/s, although it reads half the bytes a step. "
+                         f"{why[env.get('cpu_fast_bf16')]} Its {f['dtype']} timings measure "
+                         "those kernels, not what the dtype could do.\n")
     return lines
 
 
