@@ -43,6 +43,11 @@ def device_name(device: torch.device | str) -> str:
     return cpu_model()
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def environment_info(device: str = "cpu") -> dict:
     """Everything a reader needs to compare our numbers with theirs."""
     try:
@@ -59,7 +64,7 @@ def environment_info(device: str = "cpu") -> dict:
         "transformers": hf_version, "platform": platform.platform(), "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(), "gpu": gpu, "device": device,
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_avg": load_average(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_fast_bf16": cpu_has_fast_bf16(),
     }

@@ -118,21 +118,3 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def memory_table(models: list[str] | None = None,
-                 contexts: tuple[int, ...] = (8192, 32768, 131072), batch: int = 1,
-                 dtype: str = "bfloat16") -> list[dict]:
-    """One row per model: weights, cache bytes per token and at each context length, and what the
-    cache would be without grouped-query attention (at the last context length)."""
-    rows = []
-    for name in models or list(MODELS):
-        s = get_spec(name)
-        row = {"model": s.name, "layers": s.n_layers, "heads": s.n_heads,
-               "kv_heads": s.n_kv_heads, "head_dim": s.head_dim, "params": s.n_params,
-               "weights": s.weight_bytes(dtype), "per_token": s.cache_bytes_per_token(dtype)}
-        for t in contexts:
-            row[f"cache@{t}"] = s.cache_bytes(t, batch, dtype)
-        row[f"mha@{contexts[-1]}"] = s.mha_cache_bytes(contexts[-1], batch, dtype)
-        rows.append(row)
-    return rows

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 from dataclasses import asdict
 
@@ -13,7 +12,7 @@ import torch
 
 from ..generate import decode_one
 from ..loading import load_model
-from ..machine import environment_info
+from ..machine import environment_info, load_average
 from ..models import CausalLM, GPTModel
 from ..timing import Stopwatch, tokens_per_s
 from .floor import Floor, floor_nbytes
@@ -23,10 +22,6 @@ from .profiling import alloc_steps, count_allocations, profile_decode_step
 from .runners import HFRunner, KvlibRunner, hf_twin, time_run
 from .stats import NAN, median_ms, percentiles, summary
 from .targets import targets
-
-
-def _load_avg() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 class Bench:
@@ -93,7 +88,7 @@ class Bench:
 
     def extras(self, results: list[dict], floors: list[dict]) -> dict:
         """Everything after the timed groups, in the JSON's order."""
-        return {"load_avg_end": _load_avg(),
+        return {"load_avg_end": load_average(),
                 "settings": {"prompt": PROMPT, "window": self.window, "warmup": self.warmup,
                              "floor_samples": self.floor_samples,
                              "suites": [asdict(s) for s in self.suites]},
