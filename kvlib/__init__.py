@@ -11,6 +11,7 @@ from .cache import (
     attention_mask,
 )
 from .course import REPO_URL, show_source
+from .evaluate import Perplexity, perplexity
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
 from .loading import load_model
 from .machine import environment
@@ -32,8 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache", "GPT2Tokenizer",
     "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig", "LlamaModel", "NoCache",
-    "PreallocCache", "SlidingWindowCache", "Step", "Stopwatch", "Tokenizer", "TrimmedTokenizer",
-    "attention_mask", "decode", "decode_one", "device_sync", "encode", "environment", "generate",
-    "generate_stream", "get_tokenizer", "load_model", "prefill", "sample", "show_source",
-    "tokenizer_for",
+    "Perplexity", "PreallocCache", "SlidingWindowCache", "Step", "Stopwatch", "Tokenizer",
+    "TrimmedTokenizer", "attention_mask", "decode", "decode_one", "device_sync", "encode",
+    "environment", "generate", "generate_stream", "get_tokenizer", "load_model", "perplexity",
+    "prefill", "sample", "show_source", "tokenizer_for",
 ]
