@@ -32,6 +32,16 @@ FORMAT = "kvlib trimmed GPT-2 vocabulary"
 N_BYTES = 256  # GPT-2 ids 0..255 are the 256 single bytes
 
 
+def is_vocab_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a vocabulary that ``TrimmedTokenizer.save`` wrote (read from its first
+    bytes: Hugging Face's GPT-2 folders hold a ``vocab.json`` of another kind)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return FORMAT.encode() in f.read(200)
+
+
 class TrimmedTokenizer:
     """GPT-2's BPE over a subset of its ids (see the module docstring). ``encode`` / ``decode``
     / ``vocab_size`` / ``eot_id`` as every kvlib tokenizer; ``from_gpt2`` / ``to_gpt2`` map ids."""
