@@ -17,6 +17,8 @@ COLORS = {
     "outline-future": "#cccccc", "slot-link": "#aaaaaa", "step-marker": "#999999",
     # memory pictures
     "weights": "#7f7f7f", "cache-without-gqa": "#c5b0d5", "context-limit": "#bbbbbb",
+    # the models trained here (loss curves)
+    "mini-gpt2": "#1f77b4", "mini-llama": "#d62728",
 }
 
 

@@ -124,6 +124,10 @@ class TrimmedTokenizer:
                                       for b in raw]
         return self._spelled[gpt2_id]
 
+    def kept(self, gpt2_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Whether each GPT-2 id is in this vocabulary (a boolean array)."""
+        return self._from_gpt2[np.asarray(gpt2_ids, dtype=np.int64)] >= 0
+
     def from_gpt2(self, gpt2_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """GPT-2 ids to this vocabulary's ids (int64 array; longer where a token is spelled)."""
         arr = np.asarray(gpt2_ids, dtype=np.int64).reshape(-1)

@@ -18,6 +18,7 @@ hand the reader's model back as they found it (``kvlib.state.preserved_state``).
 | ``cache_state.py`` | ``plot_cache_state``, ``cache_state_pngs``: draw those frames |
 | ``latency.py`` | ``measure_latency``, ``plot_latency``: milliseconds per step |
 | ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``: cache bytes beside the weights |
+| ``training.py`` | ``plot_training``: the trained models' loss curves, from their metrics |
 | ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
 | ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
 """
@@ -29,10 +30,12 @@ from .frames import CacheFrame, cache_frames, cache_frames_for
 from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
 from .latency import LatencyRun, measure_latency, plot_latency
 from .memory import plot_cache_sizes, plot_memory
+from .training import plot_training
 
 __all__ = [
     "CACHE_FIGSIZE", "COLORS", "NO_CACHE", "CacheFrame", "LatencyRun", "PlotFigure", "Prompt",
     "StrategySpec", "cache_frames", "cache_frames_for", "cache_state_pngs", "figure_png",
     "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency", "plot_memory",
-    "prompt_ids", "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
+    "plot_training", "prompt_ids", "spec_label", "split_spec", "strategy_color", "strategy_label",
+    "token_text",
 ]
