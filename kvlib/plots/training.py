@@ -37,7 +37,6 @@ def plot_training(metrics: dict | Sequence[dict], smooth_steps: int = 25) -> Plo
                 lw=1, label=f"{name}: validation split")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -166,7 +166,7 @@ Trained with `{run['command']}` on {run['created'][:10]}; the same weights again
 Greedy continuations, the prompt then {run['sample_tokens']} tokens of the model's (prealloc
 cache):
 
-{chr(10).join(samples)}
+{(chr(10) * 2).join(samples)}
 """
 
 
