@@ -96,7 +96,7 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
         "corpus": data.manifest, "vocab_size": data.tokenizer.vocab_size,
         "samples": samples(shipped), "sample_tokens": SAMPLE_TOKENS,
         "reproduce": cfg.command(trainer.total_steps, None if trainer.step == trainer.total_steps
-                                 else trainer.step),
+                                 else trainer.step) + f" --threads {torch.get_num_threads()}",
         "command": command or " ".join(["python -m kvlib.train", *sys.argv[1:]]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment_info(),
