@@ -11,19 +11,30 @@ from .cache import (
     attention_mask,
 )
 from .course import REPO_URL, show_source
+from .evaluate import Perplexity, perplexity
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
 from .loading import load_model
 from .machine import environment
 from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, LlamaModel
 from .timing import Stopwatch, device_sync
-from .tokenizer import EOT_ID, decode, encode, get_tokenizer
+from .tokenizer import (
+    EOT_ID,
+    GPT2Tokenizer,
+    Tokenizer,
+    decode,
+    encode,
+    get_tokenizer,
+    tokenizer_for,
+)
+from .vocab import TrimmedTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache", "GPTConfig",
-    "GPTModel", "GenerationResult", "KVCache", "LlamaConfig", "LlamaModel", "NoCache",
-    "PreallocCache", "SlidingWindowCache", "Step", "Stopwatch", "attention_mask", "decode",
-    "decode_one", "device_sync", "encode", "environment", "generate", "generate_stream",
-    "get_tokenizer", "load_model", "prefill", "sample", "show_source",
+    "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache", "GPT2Tokenizer",
+    "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig", "LlamaModel", "NoCache",
+    "Perplexity", "PreallocCache", "SlidingWindowCache", "Step", "Stopwatch", "Tokenizer",
+    "TrimmedTokenizer", "attention_mask", "decode", "decode_one", "device_sync", "encode",
+    "environment", "generate", "generate_stream", "get_tokenizer", "load_model", "perplexity",
+    "prefill", "sample", "show_source", "tokenizer_for",
 ]

@@ -1,12 +1,16 @@
-"""The one model loader: a preset with seeded random weights, or real weights from a checkpoint.
+"""The one model loader: a preset with seeded random weights, the models trained here, or real
+weights from a checkpoint.
 
     kvlib.load_model("gpt2")                    # GPT-2 124M shape, seeded random weights
+    kvlib.load_model("mini-gpt2")               # trained here, shipped with kvlib (kvlib/trained/)
     kvlib.load_model("gpt2", pretrained=True)   # OpenAI's weights (hub, or HF_HUB_OFFLINE cache)
     kvlib.load_model("qwen3-0.6b", pretrained=True)  # Qwen/Qwen3-0.6B from the hub
     kvlib.load_model("/path/to/checkpoint")     # a local Hugging Face folder or .safetensors file
 
 A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama`` or
-``qwen3``); a GPT-2 file without one is read off its tensor shapes.
+``qwen3``); a GPT-2 file without one is read off its tensor shapes. A folder that also holds a
+kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model that carries it as
+``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
 """
 
 from __future__ import annotations
@@ -17,32 +21,73 @@ from pathlib import Path
 
 import torch
 
-from .models import PRESETS, CausalLM, build_model
+from .models import PRESETS, CausalLM, GPTModel, build_model
+from .vocab import TrimmedTokenizer, is_vocab_file
+
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"  # kvlib/trained/<name>/
+TRAINED = ("mini-gpt2", "mini-llama")  # the presets whose weights kvlib ships
+VOCAB_FILE = "vocab.json"
 
 
-def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool = False,
+def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool | None = None,
                seed: int = 123, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> CausalLM:
     """The model a chapter, test or benchmark uses, in eval mode, on ``device`` in ``dtype``.
 
-    A preset name (see ``kvlib.PRESETS``) with ``pretrained=False`` (the default, used by CI and
-    the built book) gives seeded random weights, so every number is reproducible offline;
-    ``pretrained=True`` loads the released weights of that name (needs internet once, and the
-    ``pretrained`` extra). A local path always loads the weights it holds.
+    A preset name (see ``kvlib.PRESETS``) gives seeded random weights (``pretrained`` unset or
+    False: what CI and the built book use, reproducible offline), or with ``pretrained=True`` the
+    released weights of that name (needs internet once, and the ``pretrained`` extra). The models
+    trained here (``"mini-gpt2"``, ``"mini-llama"``) load their shipped weights unless
+    ``pretrained=False`` asks for random ones; either way they carry their tokenizer. A local
+    path always loads the weights it holds.
     """
     name = os.fspath(preset_or_path)
     is_path = name not in PRESETS and (Path(name).expanduser().exists() or os.sep in name)
-    if pretrained or is_path:
+    if name in TRAINED and pretrained is not False:
+        model = load_trained(name)
+    elif pretrained or is_path:
         model = _load_weights(name)
     elif name in PRESETS:
         torch.manual_seed(seed)
         model = build_model(PRESETS[name])
+        if name in TRAINED and (TRAINED_DIR / name / VOCAB_FILE).is_file():
+            model.tokenizer = TrimmedTokenizer.load(TRAINED_DIR / name / VOCAB_FILE)
     else:
         raise ValueError(f"unknown model {name!r}: pass a preset ({', '.join(PRESETS)}) "
                          "or the path of a local checkpoint")
     model = model.to(device=device, dtype=dtype)
     model.arrange_weights()  # the memory layout this dtype and device decode fastest
     return model.eval()
+
+
+def load_trained(name: str) -> CausalLM:
+    """A model trained here, from ``kvlib/trained/<name>/`` (as stored: bfloat16), carrying its
+    tokenizer; a clear error when the files are not there."""
+    folder = TRAINED_DIR / name
+    missing = [f for f in ("model.safetensors", "config.json", VOCAB_FILE)
+               if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name!r} has no trained weights yet: {', '.join(missing)} missing from {folder}. "
+            f"They ship with kvlib installed from git; to make them yourself, run "
+            f"python -m kvlib.train --model {name} (or load random weights of the same shape "
+            f"with kvlib.load_model({name!r}, pretrained=False))")
+    return _load_weights(str(folder))
+
+
+def save_model(model: CausalLM, folder: str | os.PathLike,
+               dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Write ``model`` into ``folder`` as ``load_model(folder)`` reads it: ``model.safetensors``
+    in Hugging Face's layout (stored as ``dtype``), ``config.json``, and the tokenizer it
+    carries, if any, as ``vocab.json``."""
+    from .hf import gpt2, llama
+
+    family = gpt2 if isinstance(model, GPTModel) else llama
+    folder = family.save_pretrained(model, folder, dtype)
+    tokenizer = getattr(model, "tokenizer", None)
+    if isinstance(tokenizer, TrimmedTokenizer):
+        tokenizer.save(folder / VOCAB_FILE)
+    return folder
 
 
 def _load_weights(name: str) -> CausalLM:
@@ -62,7 +107,11 @@ def _load_weights(name: str) -> CausalLM:
             "existing file or directory; the other presets have no weights to download: "
             "load them with pretrained=False")
     family = llama if checkpoint_family(path) in llama.MODEL_TYPES else gpt2
-    return family.from_pretrained(name)
+    model = family.from_pretrained(name)
+    vocab = (path if path.is_dir() else path.parent) / VOCAB_FILE
+    if is_vocab_file(vocab):  # not Hugging Face's GPT-2 vocab.json, which has another layout
+        model.tokenizer = TrimmedTokenizer.load(vocab)
+    return model
 
 
 def checkpoint_family(path: Path) -> str:

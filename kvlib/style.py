@@ -19,6 +19,8 @@ COLORS = {
     "weights": "#7f7f7f", "cache-without-gqa": "#c5b0d5", "context-limit": "#bbbbbb",
     # RoPE pictures: a key's arrow at the first position fades into its arrow at the last
     "rope-first": "#aec7e8", "rope-last": "#08306b",
+    # the models trained here (loss curves)
+    "mini-gpt2": "#1f77b4", "mini-llama": "#d62728",
 }
 
 

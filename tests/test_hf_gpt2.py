@@ -13,10 +13,13 @@ import torch
 
 import kvlib
 from kvlib.hf.gpt2 import (
+    PRESETS,
     config_from_hf,
+    config_to_hf,
     from_hf_state_dict,
     from_pretrained,
     hf_config,
+    save_pretrained,
     to_hf_state_dict,
 )
 
@@ -256,3 +259,23 @@ def test_kvlib_imports_without_the_pretrained_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 'pip install "kvlib[pretrained]"' in out.stdout
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_config_json_round_trip(preset):
+    cfg = PRESETS[preset]
+    d = config_to_hf(cfg)
+    assert config_from_hf(json.loads(json.dumps(d))) == cfg
+    assert transformers.GPT2Config(**d).to_dict()["n_embd"] == cfg.emb_dim
+
+
+def test_save_pretrained_loads_in_transformers_and_back(tmp_path, make_model):
+    model = make_model("tiny", vocab_size=VOCAB, context_length=CTX)
+    save_pretrained(model, tmp_path)  # float32: exact
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
+    back = from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                 model.state_dict().values(), strict=True))

@@ -17,13 +17,15 @@ import kvlib
 from kvlib.hf import llama as hf_llama
 from kvlib.hf.llama import (
     config_from_hf,
+    config_to_hf,
     from_hf_state_dict,
     from_pretrained,
+    save_pretrained,
     to_hf_config,
     to_hf_model,
     to_hf_state_dict,
 )
-from kvlib.models.llama import LLAMA_PRESETS
+from kvlib.models.llama import LLAMA_PRESETS, LlamaModel
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -203,6 +205,20 @@ def test_config_round_trip(preset):
     hf = to_hf_config(cfg)
     assert hf.model_type == ("qwen3" if cfg.qk_norm else "llama")
     assert config_from_hf(hf.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("preset", list(LLAMA_PRESETS))
+def test_config_json_round_trip_and_save_pretrained(preset, tmp_path):
+    cfg = LLAMA_PRESETS[preset]
+    assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg
+    if cfg.vocab_size * cfg.emb_dim > 10**7:
+        return  # the released shapes: the config is enough
+    torch.manual_seed(0)
+    model = LlamaModel(cfg).eval()
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
+    back = kvlib.load_model(tmp_path)  # bfloat16 on disk, float32 by default
+    for (key, a), b in zip(back.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16).float()), key
 
 
 # The published config.json files (transformers 4 layout: rope_theta and rope_scaling on top).

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 WEIGHTS_FILE = "model.safetensors"
@@ -70,6 +71,24 @@ def read_safetensors(files: list[Path | str]) -> dict[str, Tensor]:
         except Exception as e:  # SafetensorError for a truncated or foreign file
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
     return sd
+
+
+def write_checkpoint(folder: str | os.PathLike, tensors: dict[str, Tensor], config: dict,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write ``model.safetensors`` (every tensor contiguous, cast to ``dtype`` if given) and
+    ``config.json`` into ``folder`` (created if need be); return the folder."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ImportError('saving weights needs safetensors: pip install "kvlib[pretrained]"'
+                          ) from e
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {name: (t if dtype is None else t.to(dtype)).detach().cpu().contiguous()
+           for name, t in tensors.items()}
+    save_file(out, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
 
 
 def _hub_offline() -> bool:

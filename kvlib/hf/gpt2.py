@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..models.gpt2 import GPT2_PRESETS as PRESETS
 from ..models.gpt2 import GPTConfig, GPTModel
-from .files import download, few, local_files, read_safetensors
+from .files import download, few, local_files, read_safetensors, write_checkpoint
 
 HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large",
                                                           "gpt2-xl")}
@@ -128,6 +128,27 @@ def hf_config(cfg: GPTConfig):
     return GPT2Config(**{hf: getattr(cfg, name) for name, hf in _CONFIG_FIELDS.items()},
                       activation_function="gelu_new", layer_norm_epsilon=1e-5,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+
+
+def config_to_hf(cfg: GPTConfig) -> dict:
+    """The ``config.json`` of a kvlib ``GPTConfig``, as transformers writes GPT-2's (no
+    transformers needed); ``config_from_hf`` reads it back to the same config."""
+    if not cfg.qkv_bias:
+        raise ValueError("GPT-2 (and HF's GPT2LMHeadModel) has a QKV bias; this config has none")
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            **{hf: getattr(cfg, name) for name, hf in _CONFIG_FIELDS.items()},
+            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}
+
+
+def save_pretrained(model: GPTModel, folder: str | os.PathLike,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as Hugging Face's GPT-2 checkpoint (``model.safetensors`` without the tied
+    head, ``config.json``), in ``dtype`` if given; ``from_pretrained(folder)`` loads it back."""
+    sd = to_hf_state_dict(model)
+    del sd["lm_head.weight"]  # tied: the same tensor as transformer.wte.weight
+    return write_checkpoint(folder, sd, config_to_hf(model.cfg), dtype)
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> GPTConfig:

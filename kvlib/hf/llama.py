@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..models.llama import Llama3RopeScaling, LlamaConfig, LlamaModel
-from .files import WEIGHTS_FILE, download, few, local_files, read_safetensors
+from .files import WEIGHTS_FILE, download, few, local_files, read_safetensors, write_checkpoint
 
 HUB_NAMES = {
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",  # gated: accept Meta's license on the hub first
@@ -110,29 +110,38 @@ def _rope_from_hf(d: dict, source: str) -> tuple[float, Llama3RopeScaling | None
         raise ValueError(f"{source}: the llama3 RoPE scaling lacks {e.args[0]!r}") from e
 
 
-def to_hf_config(cfg: LlamaConfig, **overrides):
-    """The transformers ``LlamaConfig`` (or ``Qwen3Config`` when ``cfg.qk_norm``) of a kvlib
-    config; ``overrides`` go to its constructor (e.g. ``attn_implementation="eager"``). No bos,
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """The ``config.json`` of a kvlib config, as transformers 4 writes it (``rope_theta`` and
+    ``rope_scaling`` on top; no transformers needed); ``config_from_hf`` reads it back. No bos,
     eos or pad token: kvlib's configs have none, so ``generate`` never stops early."""
-    from transformers import LlamaConfig as HFLlamaConfig
-    from transformers import Qwen3Config
-
     s = cfg.rope_scaling
     scaling = None if s is None else {
         "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
         "high_freq_factor": s.high_freq_factor,
         "original_max_position_embeddings": s.original_context_length}
-    fields = dict(
+    qwen = cfg.qk_norm
+    return dict(
+        model_type="qwen3" if qwen else "llama",
+        architectures=["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length,
         hidden_size=cfg.emb_dim, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, num_hidden_layers=cfg.n_layers,
         intermediate_size=cfg.ffn_dim, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
         rope_scaling=scaling, rms_norm_eps=cfg.rms_norm_eps, hidden_act="silu",
-        attention_bias=False, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None)
-    if cfg.qk_norm:
-        return Qwen3Config(**fields, **overrides)
-    return HFLlamaConfig(**fields, mlp_bias=False, **overrides)
+        attention_bias=False, **({} if qwen else {"mlp_bias": False}),
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None)
+
+
+def to_hf_config(cfg: LlamaConfig, **overrides):
+    """The transformers ``LlamaConfig`` (or ``Qwen3Config`` when ``cfg.qk_norm``) of a kvlib
+    config; ``overrides`` go to its constructor (e.g. ``attn_implementation="eager"``)."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import Qwen3Config
+
+    fields = config_to_hf(cfg)
+    del fields["model_type"], fields["architectures"]
+    return (Qwen3Config if cfg.qk_norm else HFLlamaConfig)(**fields, **overrides)
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -147,6 +156,16 @@ def to_hf_state_dict(model: LlamaModel) -> dict[str, Tensor]:
     ``lm_head.weight``, the same tensor as ``model.embed_tokens.weight``.
     """
     return {hf_name(name): t for name, t in model.state_dict().items()}
+
+
+def save_pretrained(model: LlamaModel, folder: str | os.PathLike,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a transformers checkpoint (``model.safetensors``, without a tied head,
+    and ``config.json``), in ``dtype`` if given; ``from_pretrained(folder)`` loads it back."""
+    sd = to_hf_state_dict(model)
+    if model.cfg.tie_embeddings:
+        del sd["lm_head.weight"]  # the same tensor as model.embed_tokens.weight
+    return write_checkpoint(folder, sd, config_to_hf(model.cfg), dtype)
 
 
 def to_hf_model(model: LlamaModel, **config_overrides):

@@ -51,6 +51,10 @@ GPT2_PRESETS: dict[str, GPTConfig] = {
     "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
     # Small enough for tests and quick experiments; same tokenizer as GPT-2.
     "tiny": GPTConfig(context_length=256, emb_dim=64, n_heads=4, n_layers=2),
+    # Trained here on the Python standard library (python -m kvlib.train), with GPT-2's BPE cut
+    # to 8192 ids (kvlib.vocab); kvlib.load_model("mini-gpt2") loads the shipped weights.
+    "mini-gpt2": GPTConfig(vocab_size=8192, context_length=256, emb_dim=192, n_heads=6,
+                           n_layers=6),
 }
 
 

@@ -19,7 +19,9 @@ hand the reader's model back as they found it (``kvlib.state.preserved_state``).
 | ``cache_state.py`` | ``plot_cache_state``, ``cache_state_pngs``: draw those frames |
 | ``latency.py`` | ``measure_latency``, ``plot_latency``: milliseconds per step |
 | ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``: cache bytes beside the weights |
-| ``rope.py`` | ``rope_rotation``, ``plot_rope_rotation``: one key rotated by RoPE, pair by pair |
+    "RopeRotation", "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency",
+    "plot_memory", "plot_rope_rotation", "plot_training", "prompt_ids", "rope_rotation",
+    "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
 | ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
 | ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
 """
@@ -32,11 +34,12 @@ from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
 from .latency import LatencyRun, measure_latency, plot_latency
 from .memory import plot_cache_sizes, plot_memory
 from .rope import RopeRotation, plot_rope_rotation, rope_rotation
+from .training import plot_training
 
 __all__ = [
     "CACHE_FIGSIZE", "COLORS", "NO_CACHE", "CacheFrame", "LatencyRun", "PlotFigure", "Prompt",
     "StrategySpec", "cache_frames", "cache_frames_for", "cache_state_pngs", "figure_png",
     "RopeRotation", "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency",
-    "plot_memory", "plot_rope_rotation", "prompt_ids", "rope_rotation", "spec_label", "split_spec",
-    "strategy_color", "strategy_label", "token_text",
+    "plot_memory", "plot_rope_rotation", "plot_training", "prompt_ids", "rope_rotation",
+    "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
 ]

@@ -1,0 +1,118 @@
+"""How well a model predicts a text: the loss of every next token, and perplexity.
+
+    result = kvlib.perplexity(model, ids)                        # one forward over the text
+    result = kvlib.perplexity(model, ids, cache="sliding", window=64)   # token by token
+    result.nll          # (tokens - 1,) the negative log-likelihood of each next token, in nats
+    result.perplexity   # exp(mean nll)
+
+With a cache the text is streamed as generation would see it: the first token is prefilled, then
+every later token is decoded one at a time, and the logits before each token score it. So a cache
+that changes what attention sees (a sliding window) shows up in the numbers, and one that should
+change nothing can be checked to change nothing. ``cache=None`` means full attention
+(recomputation): by default one forward pass over the whole text, which gives the same losses as
+streaming with recomputation (``stream=True``), only much faster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .generate import decode_one, prefill
+from .models import CausalLM, check_token_ids
+from .state import preserved_state
+
+
+@dataclass
+class Perplexity:
+    """The losses of one evaluation: ``nll`` per predicted token, in order (row after row for a
+    batch), float32, natural log."""
+
+    nll: Tensor  # (N,)
+    cache: str = "none"
+    window: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens were predicted (the first token of each row is not)."""
+        return self.nll.numel()
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.mean())
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(mean nll)``: as if the model chose among that many tokens at each step."""
+        return math.exp(self.mean_nll)
+
+    def __repr__(self) -> str:
+        return (f"Perplexity({self.perplexity:.3f} over {self.tokens} tokens, "
+                f"cache={self.cache!r}, window={self.window})")
+
+
+def _as_rows(ids: Sequence[int] | Tensor, model: CausalLM) -> Tensor:
+    """``ids`` as a ``(B, T)`` long tensor on the model's device, ``T >= 2``."""
+    device = next(model.parameters()).device
+    rows = torch.as_tensor(ids, dtype=torch.long, device=device)
+    if rows.dim() == 1:
+        rows = rows[None]
+    check_token_ids(rows, model.cfg.vocab_size)
+    if rows.shape[1] < 2:
+        raise ValueError("perplexity needs at least two tokens: the first one predicts nothing")
+    return rows
+
+
+def _token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token loss in float32: logits ``(..., vocab)``, targets ``(...)``."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")
+
+
+@torch.inference_mode()
+def perplexity(model: CausalLM, ids: Sequence[int] | Tensor, cache: str | None = None,
+               window: int | None = None, stream: bool = False, batch_size: int = 8,
+               **cache_options) -> Perplexity:
+    """Score every next token of ``ids`` (a list, a ``(T,)`` or a ``(B, T)`` tensor).
+
+    ``cache``: None (full attention, recomputed; ``window`` masks it to the same span as a
+    sliding cache), "concat", "prealloc" or "sliding" (needs ``window``); ``cache_options`` go to
+    ``model.set_kv_cache``. With a cache, or ``stream=True``, the text is fed token by token
+    through ``prefill`` and ``decode_one``, as ``generate`` feeds it; otherwise one forward pass
+    per ``batch_size`` rows. The model is evaluated in eval mode and handed back as it was
+    (caches, position counter, training flags).
+    """
+    rows = _as_rows(ids, model)
+    name = "none" if cache is None else cache
+    with preserved_state(model):
+        model.eval()
+        if name == "none" and not stream:
+            nll = torch.cat([_one_forward(model, rows[i : i + batch_size], window)
+                             for i in range(0, rows.shape[0], batch_size)])
+        else:
+            model.set_kv_cache(name, max_len=rows.shape[1], window=window, **cache_options)
+            nll = _streamed(model, rows)
+    return Perplexity(nll.reshape(-1).cpu(), name, window)
+
+
+def _one_forward(model: CausalLM, rows: Tensor, window: int | None) -> Tensor:
+    """``(B, T - 1)`` losses from one forward over ``rows`` (full attention, or a window)."""
+    model.set_kv_cache("none", window=window)
+    logits = model(rows, use_cache=True)  # positions 0 .. T-1, causal, masked to the window
+    return _token_nll(logits[:, :-1], rows[:, 1:]).view(rows.shape[0], -1)
+
+
+def _streamed(model: CausalLM, rows: Tensor) -> Tensor:
+    """``(B, T - 1)`` losses, feeding one token at a time through the model's caches."""
+    B, T = rows.shape
+    nll = torch.empty(B, T - 1, device=rows.device)
+    logits = prefill(model, rows[:, :1])  # (B, vocab): the prediction of token 1
+    for t in range(1, T):
+        nll[:, t - 1] = _token_nll(logits, rows[:, t])
+        if t < T - 1:
+            logits = decode_one(model, rows[:, : t + 1])
+    return nll

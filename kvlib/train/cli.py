@@ -1,0 +1,92 @@
+"""``python -m kvlib.train``: train a model of ``kvlib.PRESETS`` on the standard library, or
+rewrite the model card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import torch
+
+from .card import write_card
+from .config import CLI_SETTINGS, TrainConfig
+from .data import build_data
+from .loop import Trainer
+from .results import finish
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None,
+          command: str | None = None, card: bool = True) -> dict:
+    """Build the data, train (or resume) the run ``cfg`` describes, up to step ``stop_at`` if
+    given, write the weights, metrics and loss curve into ``cfg.out_dir`` and, with ``card``, the
+    model card beside them."""
+    data = build_data(cfg.arch.vocab_size, cfg.corpus_root)
+    trainer = Trainer.resume(cfg, data) if resume else Trainer(cfg, data)
+    trainer.run(stop_at)
+    metrics = finish(trainer, command)
+    if card:
+        write_card(cfg.out_dir.parent)
+    return metrics
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kvlib.train", description=__doc__)
+    d = TrainConfig.__dataclass_fields__
+    p.add_argument("--model", default=d["model"].default, help="mini-gpt2 or mini-llama (or "
+                   "another preset)")
+    p.add_argument("--steps", type=int, help="optimizer steps: the reproducible knob")
+    p.add_argument("--minutes", type=float, help="wall-clock budget; alone, it sets --steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
+    p.add_argument("--stop-at", type=int, help="stop at this step (the schedule still ends at "
+                   "--steps): --resume continues it")
+    for name in CLI_SETTINGS:
+        default = d[name].default
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=f"default {default}")
+    p.add_argument("--out", help="where the weights go (default kvlib/trained/<model>/)")
+    p.add_argument("--checkpoint-dir", help="default checkpoints/<model>/")
+    p.add_argument("--corpus-root", help="the stdlib folder to read (default: this Python's)")
+    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="change a field of the model's config, e.g. --set n_layers=2")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-autocast", action="store_true", help="train in float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
+    p.add_argument("--card", action="store_true", help="only rewrite kvlib/trained/README.md "
+                   "from the metrics files, then stop")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parser().parse_args(argv)
+    if args.card:
+        print(f"wrote {write_card()}")
+        return None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        model=args.model, steps=args.steps, minutes=args.minutes,
+        **{name: getattr(args, name) for name in CLI_SETTINGS},
+        model_overrides=dict(args.set), corpus_root=args.corpus_root, out=args.out,
+        checkpoint_dir=args.checkpoint_dir, autocast=not args.no_autocast,
+        progress=not args.no_progress)
+    argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "kvlib.train", *argv])
+    m = train(cfg, args.resume, args.stop_at, command, card=not args.no_card)
+    print(f"{m['model']}: {m['steps']} steps in {m['seconds'] / 60:.1f} min "
+          f"({m['tokens_per_s']:,.0f} tokens/s), held-out perplexity {m['test']['perplexity']:.3f}"
+          f" (whole test split {m['test_full']['perplexity']:.3f}); wrote {cfg.out_dir}\n"
+          f"the same weights again: {m['reproduce']}")
+    return m

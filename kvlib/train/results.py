@@ -1,0 +1,108 @@
+"""The end of a run: the weights as shipped, their held-out score, the metrics file, the loss
+curve. Every number of the model card (``card.py``) is read from the metrics file written here.
+
+The held-out score is measured on the model *as shipped*: written in bfloat16, loaded back with
+``kvlib.load_model`` (float32), then scored on ``test_slice.json``, the fixed windows of the test
+split saved beside the weights, so a test can reproduce it on any machine and Python version.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluate import perplexity
+from ..generate import generate
+from ..loading import load_model, save_model
+from ..machine import environment_info
+from ..models import CausalLM, GPTModel
+from ..plots.figure import figure_png
+from ..plots.training import plot_training
+from .data import fixed_windows, windows_sha256
+from .loop import Trainer
+
+SLICE_FILE, METRICS_FILE, LOSS_FILE = "test_slice.json", "metrics.json", "loss.png"
+SLICE_FORMAT = "kvlib held-out windows 1"
+PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
+SAMPLE_TOKENS = 60
+
+
+def save_test_slice(windows: torch.Tensor, path: Path) -> None:
+    """The held-out windows as token ids (one window per line)."""
+    rows = ",\n".join(json.dumps(w) for w in windows.tolist())
+    path.write_text(f'{{"format": "{SLICE_FORMAT}", "sha256": "{windows_sha256(windows)}", '
+                    f'"windows": [\n{rows}\n]}}\n')
+
+
+def load_test_slice(path: str | Path) -> torch.Tensor:
+    """The windows ``save_test_slice`` wrote, checked against their fingerprint."""
+    data = json.loads(Path(path).read_text())
+    windows = torch.tensor(data["windows"], dtype=torch.long)
+    if data.get("format") != SLICE_FORMAT or windows_sha256(windows) != data["sha256"]:
+        raise ValueError(f"{path}: not an intact kvlib held-out slice")
+    return windows
+
+
+def score(model: CausalLM, windows: torch.Tensor) -> dict:
+    result = perplexity(model, windows, batch_size=16)
+    return {"windows": windows.shape[0], "window_tokens": windows.shape[1],
+            "tokens_scored": result.tokens, "mean_nll": result.mean_nll,
+            "perplexity": result.perplexity, "sha256": windows_sha256(windows)}
+
+
+def samples(model: CausalLM) -> list[dict]:
+    """Greedy continuations of a few prompts (the prealloc cache), within the context."""
+    tok = model.tokenizer
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])
+        n = min(SAMPLE_TOKENS, model.cfg.context_length - ids.shape[1])
+        tokens = generate(model, ids, n, cache="prealloc").tokens[0, ids.shape[1]:]
+        out.append({"prompt": prompt, "completion": tok.decode(tokens.tolist())})
+    return out
+
+
+def finish(trainer: Trainer, command: str | None = None) -> dict:
+    """Write the weights, score them, write ``metrics.json`` and ``loss.png``; the metrics."""
+    cfg, data = trainer.cfg, trainer.data
+    out = cfg.out_dir
+    ctx = cfg.arch.context_length
+    save_model(trainer.model, out)  # bfloat16 safetensors, config.json, vocab.json
+    windows = fixed_windows(data.ids["test"], cfg.test_windows, ctx)
+    save_test_slice(windows, out / SLICE_FILE)
+    shipped = load_model(out)  # float32, as a reader gets it
+    test_ids = data.ids["test"]
+    whole = torch.from_numpy(test_ids[: len(test_ids) // ctx * ctx].astype(np.int64))
+    metrics = {
+        "model": cfg.model, "family": "gpt2" if isinstance(shipped, GPTModel) else "llama",
+        "config": asdict(cfg.arch),
+        "parameters": sum(p.numel() for p in shipped.parameters()),
+        "weights_bytes": (out / "model.safetensors").stat().st_size,
+        "train": cfg.to_dict(), "steps": trainer.step, "total_steps": trainer.total_steps,
+        "stopped_by": trainer.stopped_by, "tokens_per_step": trainer.tokens_per_step,
+        "tokens_seen": trainer.step * trainer.tokens_per_step,
+        "epochs": trainer.batches.epoch_of(trainer.step),
+        "seconds": trainer.seconds, "step_seconds": trainer.step_seconds,
+        "tokens_per_s": trainer.step * trainer.tokens_per_step / max(trainer.step_seconds, 1e-9),
+        "final_train_loss": float(np.mean(trainer.history["loss"][-50:])),
+        "valid_loss": trainer.history["valid_loss"][-1],
+        "test": score(shipped, windows), "test_full": score(shipped, whole.view(-1, ctx)),
+        "corpus": data.manifest, "vocab_size": data.tokenizer.vocab_size,
+        "samples": samples(shipped), "sample_tokens": SAMPLE_TOKENS,
+        "reproduce": cfg.command(trainer.total_steps, None if trainer.step == trainer.total_steps
+                                 else trainer.step) + f" --threads {torch.get_num_threads()}",
+        "command": command or " ".join(["python -m kvlib.train", *sys.argv[1:]]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment_info(),
+        "history": {k: [round(v, 5) if isinstance(v, float) else v for v in vals]
+                    for k, vals in trainer.history.items()},
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / LOSS_FILE).write_bytes(figure_png(plot_training(metrics), dpi=100))
+    return metrics

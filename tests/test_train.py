@@ -1,0 +1,195 @@
+"""kvlib.train: a tiny run on a tiny corpus lowers the loss, resumes bit for bit, and writes the
+weights, metrics and card that load_model and the card read. Last, the shipped models against
+their own card (skipped while kvlib/trained/<name>/model.safetensors does not exist)."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvlib
+from kvlib import loading
+from kvlib.corpus import split_of
+from kvlib.train import Batches, TrainConfig, Trainer, build_data, card_text, lr_at, main
+from kvlib.train.results import load_test_slice
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KVLIB = Path(kvlib.__file__).parent
+TINY = {
+    "mini-gpt2": {"vocab_size": 400, "context_length": 32, "emb_dim": 32, "n_heads": 2,
+                  "n_layers": 1},
+    "mini-llama": {"vocab_size": 400, "context_length": 32, "emb_dim": 32, "n_heads": 2,
+                   "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 64, "n_layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory) -> Path:
+    """A stdlib of a dozen files (kvlib's own sources), named so that every split has some."""
+    root = tmp_path_factory.mktemp("stdlib")
+    sources = sorted(KVLIB.rglob("*.py"))
+    want, i = {"test": 2, "valid": 2, "train": 8}, 0
+    while any(want.values()):
+        name = f"mod_{i}.py"
+        if want[split_of(name)]:
+            want[split_of(name)] -= 1
+            (root / name).write_text(sources[i % len(sources)].read_text())
+        i += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(corpus_root):
+    return build_data(400, str(corpus_root))
+
+
+def tiny_config(tmp_path, model="mini-gpt2", **kw) -> TrainConfig:
+    settings = dict(model=model, steps=8, batch_size=4, warmup_steps=2, lr=3e-3, eval_every=4,
+                    checkpoint_every=3, valid_windows=4, test_windows=4,
+                    model_overrides=TINY[model], checkpoint_dir=str(tmp_path / "ckpt"),
+                    out=str(tmp_path / "trained" / model), progress=False)
+    return TrainConfig(**{**settings, **kw})
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lr_at(cfg, 100, 100) == pytest.approx(0.1) and lrs[55] == pytest.approx(0.55)
+
+
+def test_batches_are_a_function_of_the_step(data):
+    ids = data.ids["train"]
+    a, b = Batches(ids, 4, 16, seed=1), Batches(ids, 4, 16, seed=1)
+    x, y = a(3)
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(a(3)[0], b(3)[0]) and not torch.equal(a(3)[0], Batches(ids, 4, 16, 2)(3)[0])
+    order = a.order(0)  # one epoch visits every window once, in a seeded order
+    assert sorted(order.tolist()) == list(range(a.n_windows))
+    for step in (0, 5):
+        for b, row in enumerate(a(step)[0]):
+            start = int(order[step * 4 + b]) * 16
+            assert row.tolist() == ids[start : start + 16].tolist()
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_a_few_steps_lower_the_loss(tmp_path, data, model):
+    trainer = Trainer(tiny_config(tmp_path, model, steps=30), data)
+    before = trainer.validate()
+    trainer.run()
+    assert trainer.step == 30 and trainer.stopped_by == "steps"
+    assert trainer.history["valid_loss"][-1] < before - 0.5
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, data, model):
+    whole = Trainer(tiny_config(tmp_path / "a", model), data).run()
+    rng = torch.get_rng_state()
+    cfg = tiny_config(tmp_path / "b", model)
+    Trainer(cfg, data).run(stop_at=5)  # interrupted between two checkpoints' steps
+    torch.manual_seed(999)  # whatever happened in between
+    resumed = Trainer.resume(cfg, data)
+    assert resumed.step == 5
+    resumed.run()
+    for (name, a), b in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert whole.history["loss"] == resumed.history["loss"]
+    assert torch.equal(torch.get_rng_state(), rng)  # the random state came back too
+    for a, b in zip(whole.optimizer.state.values(), resumed.optimizer.state.values(),
+                    strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_run(tmp_path, data):
+    cfg = tiny_config(tmp_path, steps=2)
+    Trainer(cfg, data).run()
+    with pytest.raises(ValueError, match="another run.*lr"):
+        Trainer.resume(replace(cfg, lr=1e-3), data)
+    Trainer.resume(replace(cfg, minutes=5.0), data)  # a new time budget is fine
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer.resume(replace(cfg, checkpoint_dir=str(tmp_path / "none")), data)
+
+
+def test_minutes_alone_choose_the_number_of_steps(tmp_path, data):
+    cfg = tiny_config(tmp_path, steps=None, minutes=0.01, warmup_steps=3)
+    trainer = Trainer(cfg, data).run()
+    assert trainer.total_steps is not None and trainer.step >= 3
+    assert trainer.stopped_by in ("steps", "time")
+    with pytest.raises(ValueError, match="--steps N"):
+        TrainConfig()
+    assert cfg.command(40).startswith("python -m kvlib.train --model mini-gpt2 --steps 40 --seed")
+
+
+def test_the_command_line_writes_what_load_model_and_the_card_read(tmp_path, corpus_root,
+                                                                    monkeypatch):
+    cfg = tiny_config(tmp_path, steps=4)
+    sets = [a for k, v in TINY["mini-gpt2"].items() for a in ("--set", f"{k}={v}")]
+    metrics = main(["--model", "mini-gpt2", "--steps", "4", "--batch-size", "4", "--lr", "0.003",
+                    "--warmup-steps", "2", "--test-windows", "4", "--valid-windows", "4",
+                    "--corpus-root", str(corpus_root), "--out", cfg.out, "--checkpoint-dir",
+                    cfg.checkpoint_dir, "--no-progress", *sets])
+    out = Path(cfg.out)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "vocab.json",
+                                               "metrics.json", "loss.png", "test_slice.json"}
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    model = kvlib.load_model(out)  # what a reader gets: float32, the vocabulary attached
+    assert model.cfg.vocab_size == 400 and kvlib.tokenizer_for(model).vocab_size == 400
+    again = kvlib.perplexity(model, load_test_slice(out / "test_slice.json"), batch_size=16)
+    assert again.perplexity == pytest.approx(metrics["test"]["perplexity"], rel=1e-5)
+    assert metrics["test"]["perplexity"] == pytest.approx(math.exp(metrics["test"]["mean_nll"]))
+    assert metrics["steps"] == 4 and metrics["tokens_seen"] == 4 * 4 * 32
+    assert "--set n_layers=1" in metrics["reproduce"] and "--lr 0.003" in metrics["reproduce"]
+    card = (out.parent / "README.md").read_text()
+    assert f"{metrics['test']['perplexity']:.3f}" in card and "mini-gpt2/loss.png" in card
+    monkeypatch.setattr(loading, "TRAINED_DIR", out.parent)
+    (out.parent / "README.md").unlink()
+    main(["--card"])  # only the card, from the metrics files
+    assert (out.parent / "README.md").read_text() == card
+
+
+def test_the_card_says_what_to_do_without_metrics():
+    text = card_text([])
+    assert "No model has been trained yet" in text and "python -m kvlib.train" in text
+
+
+# --- the shipped models reproduce their card --------------------------------------------------
+
+
+@pytest.fixture(params=loading.TRAINED)
+def shipped(request):
+    name = request.param
+    folder = loading.TRAINED_DIR / name
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"kvlib/trained/{name}/model.safetensors does not exist yet (train it: "
+                    f"python -m kvlib.train --model {name} --steps N)")
+    return name, folder, json.loads((folder / "metrics.json").read_text())
+
+
+def test_shipped_model_reproduces_its_held_out_perplexity(shipped):
+    name, folder, metrics = shipped
+    model = kvlib.load_model(name)
+    windows = load_test_slice(folder / "test_slice.json")
+    assert tuple(windows.shape) == (metrics["test"]["windows"], metrics["test"]["window_tokens"])
+    got = kvlib.perplexity(model, windows, batch_size=16).perplexity
+    assert got == pytest.approx(metrics["test"]["perplexity"], rel=0.02)
+    card = (loading.TRAINED_DIR / "README.md").read_text()
+    assert f"{metrics['test']['perplexity']:.3f}" in card
+
+
+def test_shipped_model_generates_the_same_tokens_with_every_cache(shipped):
+    name, _, _ = shipped
+    model = kvlib.load_model(name)
+    tok = kvlib.tokenizer_for(model)
+    prompt = torch.tensor([tok.encode("def read_config(path):\n")])
+    ref = kvlib.generate(model, prompt, 40).tokens
+    for cache in ("concat", "prealloc"):
+        assert torch.equal(kvlib.generate(model, prompt, 40, cache=cache).tokens, ref), cache
+    windowed = kvlib.generate(model, prompt, 40, window=16).tokens
+    assert torch.equal(kvlib.generate(model, prompt, 40, cache="sliding", window=16).tokens,
+                       windowed)
