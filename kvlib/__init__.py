@@ -10,6 +10,7 @@ from .cache import (
     SlidingWindowCache,
     attention_mask,
 )
+from .check import CacheCheckError, check_cache
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, perplexity
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
@@ -31,10 +32,11 @@ from .vocab import TrimmedTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache", "GPT2Tokenizer",
-    "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig", "LlamaModel", "NoCache",
-    "Perplexity", "PreallocCache", "SlidingWindowCache", "Step", "Stopwatch", "Tokenizer",
-    "TrimmedTokenizer", "attention_mask", "decode", "decode_one", "device_sync", "encode",
-    "environment", "generate", "generate_stream", "get_tokenizer", "load_model", "perplexity",
-    "prefill", "sample", "show_source", "tokenizer_for",
+    "CacheCheckError", "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache",
+    "GPT2Tokenizer", "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig",
+    "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",
+    "Stopwatch", "Tokenizer", "TrimmedTokenizer", "attention_mask", "check_cache", "decode",
+    "decode_one", "device_sync", "encode", "environment", "generate", "generate_stream",
+    "get_tokenizer", "load_model", "perplexity", "prefill", "sample", "show_source",
+    "tokenizer_for",
 ]

@@ -1,0 +1,238 @@
+"""``check_cache``: plug a cache class a reader wrote into a small model and check it as a
+maintainer would, with hints that point at the likely mistake.
+
+    class MyCache(kvlib.KVCache):
+        def update(self, keys, values): ...
+    kvlib.check_cache(MyCache)            # prints one line per check; raises on the first failure
+
+The checks, in order: the interface; ``update`` on its own (a prefill, then one token: how many
+keys come back, and are they the stored ones); ``get_seq_length`` and ``reset``; greedy tokens
+equal to recomputation and teacher-forced logits within a tolerance, for prompts around the
+window's edges when the cache has a window; and ``nbytes`` against the bytes it should hold.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .generate import generate
+from .models import CausalLM, GPTConfig, GPTModel
+
+TOLERANCE = 1e-5  # teacher-forced logits, float32, against recomputation
+
+
+class CacheCheckError(AssertionError):
+    """A check failed; the message says what was seen and what to look at."""
+
+
+@dataclass
+class Check:
+    name: str
+    detail: str
+
+
+def check_cache(cache_cls: type, *, window: int | None = None, max_len: int = 64,
+                verbose: bool = True) -> list[Check]:
+    """Check a cache class (a ``kvlib.KVCache`` subclass, constructed with no arguments,
+    ``max_len=`` or ``window=`` as its ``__init__`` asks). Prints a line per passed check when
+    ``verbose``; raises ``CacheCheckError`` with a hint at the first failure; returns the checks
+    that passed."""
+    make = _factory(cache_cls, window, max_len)
+    W = getattr(make(), "window", None)
+    passed: list[Check] = []
+
+    def run(name: str, fn: Callable[[], str]) -> None:
+        detail = fn()
+        passed.append(Check(name, detail))
+        if verbose:
+            print(f"ok  {name}: {detail}")
+
+    run("interface", lambda: _check_interface(make))
+    run("update", lambda: _check_update(make, W))
+    run("reset", lambda: _check_reset(make))
+    model = _model()
+    for prompt_len in _prompt_lengths(W):
+        run(f"tokens, prompt of {prompt_len}",
+            lambda n=prompt_len: _check_tokens(model, make, W, n))
+    run("logits", lambda: _check_logits(model, make, W))
+    run("nbytes", lambda: _check_nbytes(model, make, W, max_len))
+    if verbose:
+        print(f"{cache_cls.__name__} passed all {len(passed)} checks")
+    return passed
+
+
+def _factory(cache_cls: type, window: int | None, max_len: int) -> Callable[[], KVCache]:
+    params = inspect.signature(cache_cls).parameters
+    if "window" in params:
+        return lambda: cache_cls(window=window or 8)
+    if "max_len" in params:
+        return lambda: cache_cls(max_len=max_len)
+    return cache_cls
+
+
+def _fail(message: str) -> None:
+    raise CacheCheckError(message)
+
+
+def _kv(tokens: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 2, tokens, 4, generator=g) for _ in "kv")  # (B, H, T, D)
+
+
+def _check_interface(make: Callable[[], KVCache]) -> str:
+    cache = make()
+    if not isinstance(cache, KVCache):
+        _fail(f"{type(cache).__name__} is not a kvlib.KVCache: subclass it "
+              "(class MyCache(kvlib.KVCache)), so the model can hold it as a module")
+    for name in ("update", "get_seq_length", "reset"):
+        if not callable(getattr(cache, name, None)):
+            _fail(f"the cache has no method {name}()")
+    if cache.get_seq_length() != 0:
+        _fail(f"a new cache says get_seq_length() = {cache.get_seq_length()}: it should be 0")
+    return "a KVCache with update, get_seq_length and reset"
+
+
+def _update(cache: KVCache, keys: Tensor, values: Tensor, when: str) -> tuple[Tensor, Tensor]:
+    out = cache.update(keys, values)
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+        _fail(f"{when}, update returned {type(out).__name__}: it must return the pair "
+              "(keys, values) that attention should see")
+    return out
+
+
+def _check_update(make: Callable[[], KVCache], W: int | None) -> str:
+    cache = make()
+    k, v = _kv(5, seed=1)
+    keys, values = _update(cache, k, v, "after a prefill of 5 tokens")
+    if keys.shape[2] != 5:
+        _fail(f"after a prefill of 5 tokens your cache returned {keys.shape[2]} keys: a prefill "
+              "attends over exactly its own tokens; did update return the stored keys?")
+    k1, v1 = _kv(1, seed=2)
+    keys, values = _update(cache, k1, v1, "after 6 tokens")
+    want = 6 if W is None else min(6, W)
+    if keys.shape[2] != want:
+        hint = ("did update return the stored keys or only the new ones?" if keys.shape[2] == 1
+                else "count the slots that hold a token, including the one just written")
+        _fail(f"after 6 tokens your cache returned {keys.shape[2]} keys, expected {want}: {hint}")
+    if not any(torch.equal(keys[:, :, i], k1[:, :, 0]) for i in range(keys.shape[2])):
+        _fail("the keys update returned do not contain the new token's key: write it before "
+              "returning")
+    if W is None and not torch.equal(keys[:, :, :5], k):
+        _fail("the first 5 keys update returned are not the 5 keys of the prefill, in order: "
+              "did a write land in the wrong slot, or overwrite an earlier token?")
+    if cache.get_seq_length() != 6:
+        _fail(f"after 6 tokens get_seq_length() says {cache.get_seq_length()}: count every "
+              "token update has been given since the last reset")
+    return f"a prefill returns its 5 keys, one more token returns {want}; length 6"
+
+
+def _check_reset(make: Callable[[], KVCache]) -> str:
+    cache = make()
+    _update(cache, *_kv(5, seed=3), "after a prefill of 5 tokens")
+    cache.reset()
+    if cache.get_seq_length() != 0:
+        _fail(f"after reset() get_seq_length() is {cache.get_seq_length()}: reset must forget "
+              "every token (call super().reset(), which sets the counter to 0)")
+    k, v = _kv(3, seed=4)
+    keys, _ = _update(cache, k, v, "after reset() and 3 new tokens")
+    if keys.shape[2] != 3 or not torch.equal(keys, k):
+        _fail(f"after reset() and a prefill of 3 tokens the cache returned {keys.shape[2]} "
+              "keys that are not just the new ones: the old text is still in there")
+    return "a reset cache starts a new text from nothing"
+
+
+def _model() -> GPTModel:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, context_length=512, emb_dim=32, n_heads=2, n_layers=2)
+    return GPTModel(cfg).eval()
+
+
+def _prompt_lengths(W: int | None) -> list[int]:
+    """Prompts around the window's edges (W - 1, W, W + 1, longer than W), else two lengths."""
+    return [5, 12] if W is None else sorted({max(1, W - 1), W, W + 1, 2 * W + 3})
+
+
+def _install(model: CausalLM, make: Callable[[], KVCache]) -> None:
+    for layer in model.attention_layers:
+        layer.kv_cache = make()
+    model.pos = 0
+
+
+@torch.no_grad()
+def _cached_tokens(model: CausalLM, make: Callable[[], KVCache], prompt: Tensor,
+                   n: int) -> list[int]:
+    _install(model, make)
+    logits = model(prompt, use_cache=True)[:, -1]
+    out = []
+    for _ in range(n):
+        nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+        out.append(int(nxt))
+        logits = model(nxt, use_cache=True)[:, -1]
+    return out
+
+
+def _check_tokens(model: CausalLM, make: Callable[[], KVCache], W: int | None,
+                  prompt_len: int) -> str:
+    n = 2 * (W or 8) + 4  # decode well past the window
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=g)
+    ref = generate(model, prompt, n, cache=None, window=W).tokens[0, prompt_len:].tolist()
+    mine = _cached_tokens(model, make, prompt, n)
+    if mine != ref:
+        step = next(i for i, (a, b) in enumerate(zip(mine, ref, strict=True)) if a != b)
+        pos = prompt_len + step
+        hint = _window_hint(W, pos)
+        _fail(f"with a prompt of {prompt_len} tokens the greedy tokens equal recomputation's for "
+              f"{step} steps, then differ at step {step} (the token at position {pos}).{hint}")
+    return f"{n} greedy tokens equal recomputation's" + (f" (window {W})" if W else "")
+
+
+@torch.no_grad()
+def _check_logits(model: CausalLM, make: Callable[[], KVCache], W: int | None) -> str:
+    T = 3 * (W or 8)
+    seq = torch.randint(0, model.cfg.vocab_size, (1, T),
+                        generator=torch.Generator().manual_seed(9))
+    model.set_kv_cache("none", window=W)
+    ref = model(seq, use_cache=True)  # (1, T, vocab): masked to the window, if any
+    _install(model, make)
+    mine = torch.cat([model(seq[:, t : t + 1], use_cache=True) for t in range(T)], dim=1)
+    err = (mine - ref).abs().amax(dim=-1)[0]  # (T,)
+    if float(err.max()) > TOLERANCE:
+        t = int((err > TOLERANCE).nonzero()[0])
+        _fail(f"teacher-forced logits differ from recomputation's by {float(err.max()):.2g} "
+              f"(tolerance {TOLERANCE:g}), first at position {t}: the keys and values attention "
+              f"saw there are not the ones it should see.{_window_hint(W, t)}")
+    return f"{T} teacher-forced positions within {TOLERANCE:g} of recomputation"
+
+
+def _window_hint(W: int | None, pos: int) -> str:
+    if W is None or pos < W:
+        return ""
+    return (f" The window of {W} starts overwriting at position {W}: check which slot the token "
+            "at position p goes to (p % window) and that the keys returned are the last window "
+            "tokens.")
+
+
+def _check_nbytes(model: CausalLM, make: Callable[[], KVCache], W: int | None,
+                  max_len: int) -> str:
+    tokens = 10
+    _cached_tokens(model, make, torch.zeros(1, 1, dtype=torch.long), tokens - 1)
+    cache = model.caches[0]
+    cfg = model.cfg
+    per_token = 2 * cfg.n_heads * cfg.head_dim * 4  # keys + values, float32
+    held = cache.tokens_held if cache.capacity is None else cache.capacity
+    if held > 0 and cache.nbytes == 0:
+        _fail("nbytes is 0 while the cache holds tokens: register keys and values as buffers "
+              "(self.register_buffer('keys', None, persistent=False)) so nbytes can see them")
+    want = per_token * held
+    if cache.nbytes != want:
+        _fail(f"after {tokens} tokens nbytes is {cache.nbytes}, expected {want} "
+              f"({held} token slots x {per_token} bytes): does the cache keep copies, or "
+              "allocate more (or less) than its capacity?")
+    return f"{cache.nbytes} bytes for {held} token slots in one layer"
