@@ -40,6 +40,26 @@ def make_model():
     return _make_model
 
 
+def _teacher_forced(model, seq, strategy, window=None, prompt_len=1):
+    """Logits for every position of ``seq`` (B, T) fed through a cache: the first ``prompt_len``
+    tokens as one prefill, then one token a step. A sliding cache without a window gets the whole
+    context (so it must equal full attention)."""
+    window = window or (model.cfg.context_length if strategy == "sliding" else None)
+    model.set_kv_cache(strategy, window=window)
+    with torch.no_grad():
+        out = [model(seq[:, :prompt_len], use_cache=True)]
+        for t in range(prompt_len, seq.shape[1]):
+            out.append(model(seq[:, t : t + 1], use_cache=True))
+    return torch.cat(out, dim=1)
+
+
+@pytest.fixture(scope="session")
+def teacher_forced():
+    """``teacher_forced(model, seq, strategy, window=None, prompt_len=1)``: every position's
+    logits through a cache, a prefill and then one token a step."""
+    return _teacher_forced
+
+
 @pytest.fixture(scope="session")
 def tiny() -> kvlib.GPTModel:
     return _make_model("tiny")

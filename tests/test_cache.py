@@ -8,18 +8,6 @@ import kvlib
 CACHES = [("concat", None), ("prealloc", None), ("sliding", None)]  # sliding: window = context
 
 
-def teacher_forced(model, seq, strategy, window=None, prompt_len=1):
-    """Logits for every position of ``seq`` (B, T) fed through a cache: the first ``prompt_len``
-    tokens as one prefill, then one token a step."""
-    window = window or (model.cfg.context_length if strategy == "sliding" else None)
-    model.set_kv_cache(strategy, window=window)
-    with torch.no_grad():
-        out = [model(seq[:, :prompt_len], use_cache=True)]
-        for t in range(prompt_len, seq.shape[1]):
-            out.append(model(seq[:, t : t + 1], use_cache=True))
-    return torch.cat(out, dim=1)
-
-
 def windowed_reference(model, seq, window):
     """Logits of a no-cache model whose attention is masked to the last ``window`` positions."""
     model.set_kv_cache("none", window=window)
@@ -29,7 +17,7 @@ def windowed_reference(model, seq, window):
 
 @pytest.mark.parametrize("strategy,window", CACHES)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_teacher_forced_logits_tiny(tiny, strategy, window, batch):
+def test_teacher_forced_logits_tiny(teacher_forced, tiny, strategy, window, batch):
     seq = torch.randint(0, 50257, (batch, 72), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = tiny(seq)  # (B, 72, vocab), plain causal attention
@@ -40,7 +28,7 @@ def test_teacher_forced_logits_tiny(tiny, strategy, window, batch):
 
 
 @pytest.mark.parametrize("strategy", ["concat", "prealloc", "sliding"])
-def test_teacher_forced_logits_gpt2(gpt2, strategy):
+def test_teacher_forced_logits_gpt2(teacher_forced, gpt2, strategy):
     seq = torch.randint(0, 50257, (1, 38), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = gpt2(seq)
@@ -82,7 +70,7 @@ def test_issue_snippet_gpt2(gpt2):
 # --- sliding window -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt_len", [5, 16, 40])  # shorter than, equal to, longer than W
-def test_sliding_logits_match_windowed_attention(tiny, prompt_len):
+def test_sliding_logits_match_windowed_attention(teacher_forced, tiny, prompt_len):
     W = 16
     seq = torch.randint(0, 50257, (2, 120), generator=torch.Generator().manual_seed(4))
     ref = windowed_reference(tiny, seq, W)
@@ -212,7 +200,7 @@ def test_concat_grows_one_token_per_step_and_sliding_stays_flat(tiny):
 
 # --- devices and dtypes -------------------------------------------------------------------------
 
-def test_bfloat16_on_cpu_and_caches_follow_dtype(make_model):
+def test_bfloat16_on_cpu_and_caches_follow_dtype(teacher_forced, make_model):
     model = make_model().to(torch.bfloat16)
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
     ref = kvlib.generate(model, prompt, 30)

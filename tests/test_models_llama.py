@@ -26,16 +26,6 @@ def ids(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def teacher_forced(model, seq, strategy, window=None, prompt_len=1):
-    """Logits of every position of ``seq`` fed through a cache: a prefill, then one token a step."""
-    model.set_kv_cache(strategy, window=window)
-    with torch.no_grad():
-        out = [model(seq[:, :prompt_len], use_cache=True)]
-        for t in range(prompt_len, seq.shape[1]):
-            out.append(model(seq[:, t : t + 1], use_cache=True))
-    return torch.cat(out, dim=1)
-
-
 # --- presets ------------------------------------------------------------------------------------
 
 
@@ -86,7 +76,7 @@ def test_tiny_preset_shapes_and_names(make_llama):
 
 @pytest.mark.parametrize("strategy", ["concat", "prealloc", "sliding"])
 @pytest.mark.parametrize("name", TINY)
-def test_teacher_forced_logits(models, name, strategy):
+def test_teacher_forced_logits(teacher_forced, models, name, strategy):
     model = models[name]
     seq = ids((2, 40), seed=1)
     with torch.no_grad():
@@ -113,7 +103,7 @@ def test_greedy_tokens_identical_across_caches(models, name):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("prompt_len", [5, 40])  # shorter and longer than the window
-def test_sliding_window_matches_windowed_recomputation(models, name, prompt_len):
+def test_sliding_window_matches_windowed_recomputation(teacher_forced, models, name, prompt_len):
     model, W = models[name], 16
     seq = ids((2, 80), seed=2)
     model.set_kv_cache("none", window=W)
