@@ -33,4 +33,4 @@ def strategy_label(strategy: str | None, window: int | None = None) -> str:
     """The name a strategy gets in legends and menus: "no cache", "concat", "sliding (window 8)"."""
     if strategy in (None, "none"):
         return NO_CACHE if window is None else f"{NO_CACHE} (window {window})"
-    return f"{strategy} (window {window})" if strategy == "sliding" else strategy
+    return f"{strategy} (window {window})" if strategy == "sliding" and window else strategy

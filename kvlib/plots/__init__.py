@@ -19,9 +19,8 @@ hand the reader's model back as they found it (``kvlib.state.preserved_state``).
 | ``cache_state.py`` | ``plot_cache_state``, ``cache_state_pngs``: draw those frames |
 | ``latency.py`` | ``measure_latency``, ``plot_latency``: milliseconds per step |
 | ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``: cache bytes beside the weights |
-    "RopeRotation", "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency",
-    "plot_memory", "plot_rope_rotation", "plot_training", "prompt_ids", "rope_rotation",
-    "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
+| ``rope.py`` | ``rope_rotation``, ``plot_rope_rotation``: one key rotated by RoPE, pair by pair |
+| ``training.py`` | ``plot_training``: the trained models' loss curves, from their metrics |
 | ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
 | ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
 """
