@@ -125,3 +125,50 @@ def test_tokenizer_for(small_vocab, make_model):
     assert tokenizer_for(model) is small_vocab
     with pytest.raises(ValueError, match="carries no tokenizer"):
         tokenizer_for(make_model("tiny", vocab_size=300))
+
+
+# --- runs of spaces ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs_vocab() -> TrimmedTokenizer:
+    return TrimmedTokenizer.from_counts(counts_of("def return self import for in if else " * 5),
+                                        vocab_size=310, max_space_run=8)
+
+
+def test_space_runs_come_after_the_gpt2_ids(runs_vocab):
+    tok = runs_vocab
+    assert tok.vocab_size == 310 and tok.n_gpt2 == 303 and tok.gpt2_ids[-1] == kvlib.EOT_ID
+    assert tok.encode("  ") == [303] and tok.encode(" " * 8) == [309]  # 2 and 8 spaces
+    assert tok.encode(" ") == [tok.space_id] == [220]
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 8, 9, 10, 16, 17, 25])
+def test_a_run_of_spaces_is_merged_greedily(runs_vocab, n):
+    tok = runs_vocab
+    ids = tok.encode(" " * n + "return")  # GPT-2: n - 1 spaces and " return" (kept)
+    full, rest = divmod(n - 1, 8)
+    expected = [309] * full + ([220] if rest == 1 else [301 + rest] if rest else [])
+    assert ids[:-1] == expected and tok.decode(ids) == " " * n + "return"
+
+
+@pytest.mark.parametrize("text", TEXTS + ["    def f():\n        return 1\n\n" * 3, " " * 60])
+def test_space_runs_round_trip_any_text(runs_vocab, text):
+    ids = runs_vocab.encode(text)
+    assert all(0 <= i < runs_vocab.vocab_size for i in ids)
+    assert runs_vocab.decode(ids) == text
+
+
+def test_space_runs_shorten_indented_code(small_vocab, runs_vocab):
+    code = "class A:\n    def f(self):\n        if x:\n            return 1\n"
+    assert len(runs_vocab.encode(code)) < len(small_vocab.encode(code)) - 15
+
+
+def test_space_runs_are_saved_and_checked(tmp_path, runs_vocab):
+    runs_vocab.save(tmp_path / "vocab.json")
+    back = TrimmedTokenizer.load(tmp_path / "vocab.json")
+    assert back == runs_vocab and back.max_space_run == 8
+    assert back != TrimmedTokenizer(runs_vocab.gpt2_ids)  # the same ids without runs differ
+    with pytest.raises(ValueError, match="max_space_run"):
+        TrimmedTokenizer(runs_vocab.gpt2_ids, max_space_run=1)
+    with pytest.raises(ValueError, match="space runs"):
+        TrimmedTokenizer.from_counts(np.zeros(GPT2_VOCAB_SIZE), vocab_size=260, max_space_run=8)

@@ -115,11 +115,16 @@ Content fingerprint (SHA-256): `{m['sha256']}`{note}.
 Rebuild it with the same Python and compare:
 `python -c "from kvlib.corpus import Corpus; print(Corpus.build().manifest()['sha256'])"`.
 
-The tokenizer is GPT-2's BPE with its vocabulary cut to the {runs[0]['vocab_size']} ids most
-frequent in the train split, plus the 256 byte tokens and `<|endoftext|>` (`kvlib/vocab.py`):
-any text encodes; a GPT-2 token that was cut is spelled as its bytes
-({100 * m['test_spelled_share']:.2f}% of the test split's GPT-2 tokens). It is saved beside each
-model as `vocab.json`.
+The tokenizer is GPT-2's BPE with its vocabulary cut to {runs[0]['vocab_size']} ids
+(`kvlib/vocab.py`): the 256 byte tokens, `<|endoftext|>`, one token for each run of 2 to
+{m['max_space_run']} spaces, and the GPT-2 ids most frequent in the train split. Any text encodes; a
+GPT-2 token that was cut is spelled as its bytes ({100 * m['test_spelled_share']:.2f}% of the test
+split's GPT-2 tokens). GPT-2's BPE has no token for two spaces, so indentation costs one token
+per space: {100 * m['test_space_share_gpt2']:.1f}% of the test split's GPT-2 tokens are single spaces,
+and a small model trained on them learns to write long runs of spaces. The space runs (as
+OpenAI's `p50k_base` added to GPT-2's ranks for code) make an indent one token
+({100 * m['test_space_share']:.1f}% of the tokens are still lone spaces). The vocabulary is saved
+beside each model as `vocab.json`.
 """
 
 
@@ -131,11 +136,8 @@ They continue Python source in the style of the standard library: indentation, k
 `self.` attributes, docstrings and comments that read like the library's, names that exist in it.
 They do not understand code: what they write rarely runs, they repeat themselves under greedy
 decoding, and they know nothing beyond the standard library (no prose, no other languages, no
-instructions). Their context is {ctx} tokens, and GPT-2's BPE has a single space token, so
-indentation costs one token per space: {100 * m['test_space_share']:.1f}% of the test split's
-tokens are single spaces, which are easy to predict and pull the perplexity down. The numbers
-compare these two models with each other; they do not compare with models that use another
-tokenizer or corpus.
+instructions). Their context is {ctx} tokens. The perplexities compare these two models with
+each other; they do not compare with models that use another tokenizer or corpus.
 """
 
 
