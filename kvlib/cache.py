@@ -13,6 +13,9 @@ move with ``model.to(...)`` but never enter ``state_dict()``.
 | "concat"   | ``ConcatCache``      | grows by one token per step  | every earlier token     |
 | "prealloc" | ``PreallocCache``    | ``max_len`` tokens, up front | every earlier token     |
 | "sliding"  | ``SlidingWindowCache`` | ``window`` tokens, up front | the last ``window``     |
+
+``kvlib.streaming`` adds "sinks" (attention sinks + a window, StreamingLLM) and "recompute"
+(the window recomputed at every step, the baseline sinks are measured against).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class KVCache(nn.Module):
     name: str = "base"
     window: int | None = None  # attention span in tokens; None = everything before
     is_sliding: bool = False  # slots are reused: a slot's position is not its index
+    prefill_limit: int | None = None  # most tokens one call may bring (None: any number)
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +119,11 @@ class NoCache(KVCache):
     @property
     def capacity(self) -> int | None:
         return 0
+
+    @property
+    def recompute_span(self) -> int | None:
+        """How many of the last tokens a decode step recomputes (None: all the model allows)."""
+        return None
 
 
 class ConcatCache(KVCache):

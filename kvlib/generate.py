@@ -57,9 +57,23 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
 
 
 def prefill(model: CausalLM, idx: Tensor) -> Tensor:
-    """Run the prompt ``(B, T)`` once, filling the caches; return the next-token logits."""
+    """Run the prompt ``(B, T)`` once, filling the caches; return the next-token logits.
+
+    A cache that recomputes a window sees only the prompt's last ``window`` tokens; one that
+    takes at most ``prefill_limit`` tokens per call (attention sinks, once full) gets a first
+    chunk of that many, then one token at a time."""
     model.reset_kv_cache()
-    return model(idx, use_cache=True, last_only=True)[:, -1, :]  # (B, vocab)
+    cache = model.caches[0]
+    span = getattr(cache, "recompute_span", None)
+    if span is not None:
+        idx = idx[:, -span:]
+    first = cache.prefill_limit
+    if first is None or idx.shape[1] <= first:
+        return model(idx, use_cache=True, last_only=True)[:, -1, :]  # (B, vocab)
+    logits = model(idx[:, :first], use_cache=True, last_only=True)
+    for t in range(first, idx.shape[1]):
+        logits = model(idx[:, t : t + 1], use_cache=True, last_only=True, check_ids=False)
+    return logits[:, -1, :]
 
 
 def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
@@ -67,10 +81,14 @@ def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     caches remember the rest, else recompute the whole (cropped) sequence. With a cache the new
     token skips the id range check: ``prefill`` checked the prompt and later tokens come from the
     model's own vocabulary."""
-    if model.caches[0].name == "none":
+    cache = model.caches[0]
+    if cache.capacity == 0:  # nothing cached: recompute
         model.reset_kv_cache()
-        if model.hard_context:  # GPT-2 sees at most its last context_length tokens
-            seq = seq[:, -model.cfg.context_length :]
+        span = cache.recompute_span  # "recompute": the last window tokens only
+        if span is None and model.hard_context:  # GPT-2 sees at most its last context_length
+            span = model.cfg.context_length
+        if span is not None:
+            seq = seq[:, -span:]
         return model(seq, use_cache=True, last_only=True)[:, -1, :]
     return model(seq[:, -1:], use_cache=True, last_only=True, check_ids=False)[:, -1, :]
 
@@ -84,7 +102,9 @@ def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | No
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if model.hard_context:
-        _check_hard_context(idx.shape[1], max_new_tokens, model.cfg.context_length, name)
+        recomputes = name in ("none", "recompute")  # nothing cached: no position runs out
+        _check_hard_context(idx.shape[1], max_new_tokens, model.cfg.context_length,
+                            "none" if recomputes else name)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -111,10 +131,11 @@ def _check_hard_context(T: int, max_new_tokens: int, ctx: int, cache: str) -> No
 def generate_stream(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None = None,
                     window: int | None = None, temperature: float = 0.0,
                     top_k: int | None = None, seed: int | None = None,
-                    eos_id: int | None = None) -> Iterator[Step]:
+                    eos_id: int | None = None, **cache_options) -> Iterator[Step]:
     """Yield a ``Step`` for every new token; arguments as for ``generate``."""
     name = _validate(model, idx, max_new_tokens, cache, temperature, top_k)
-    model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window)
+    model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window,
+                       **cache_options)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -138,17 +159,20 @@ def generate_stream(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: st
 
 def generate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None = None,
              window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-             seed: int | None = None, eos_id: int | None = None) -> GenerationResult:
+             seed: int | None = None, eos_id: int | None = None,
+             **cache_options) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``.
 
-    cache: None (recompute everything each step), "concat", "prealloc" or "sliding" (needs
-    ``window``; with None, ``window`` masks the recomputation to the same span). temperature 0 is
-    greedy; otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
+    cache: None (recompute everything each step), "concat", "prealloc", "sliding" (needs
+    ``window``; with None, ``window`` masks the recomputation to the same span), "sinks"
+    (``window`` and ``n_sink``, RoPE models) or "recompute" (the last ``window`` tokens,
+    recomputed each step); ``cache_options`` go to the cache class. temperature 0 is greedy;
+    otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
     Stops early once every sequence has produced ``eos_id``.
     """
     tokens, times = [idx], []
     for step in generate_stream(model, idx, max_new_tokens, cache, window, temperature, top_k,
-                                seed, eos_id):
+                                seed, eos_id, **cache_options):
         tokens.append(step.tokens[:, None])
         times.append(step.seconds)
     return GenerationResult(torch.cat(tokens, dim=1), times[0] if times else 0.0, times[1:],

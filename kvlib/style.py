@@ -8,6 +8,7 @@ NO_CACHE = "no cache"  # how "none" / None is spelled for a reader
 COLORS = {
     # cache strategies (kvlib) and the reference implementations they are measured against
     "none": "#7f7f7f", "concat": "#1f77b4", "prealloc": "#2ca02c", "sliding": "#9467bd",
+    "sinks": "#d62728", "recompute": "#17becf", "sink": "#e377c2",
     "hf-dynamic": "#ff7f0e", "hf-static": "#8c564b", "floor": "#000000",
     # cache pictures: what a slot holds
     "filled": "#aec7e8", "overwritten": "#ffbb78", "empty": "#eeeeee", "written": "#d62728",
@@ -29,8 +30,14 @@ def strategy_color(strategy: str | None) -> str:
     return COLORS.get("none" if strategy is None else strategy, "#17becf")
 
 
-def strategy_label(strategy: str | None, window: int | None = None) -> str:
-    """The name a strategy gets in legends and menus: "no cache", "concat", "sliding (window 8)"."""
+def strategy_label(strategy: str | None, window: int | None = None,
+                   n_sink: int | None = None) -> str:
+    """The name a strategy gets in legends and menus: "no cache", "concat", "sliding (window 8)",
+    "sinks (4 + window 64)"."""
     if strategy in (None, "none"):
         return NO_CACHE if window is None else f"{NO_CACHE} (window {window})"
+    if strategy == "sinks" and window:
+        return f"sinks ({4 if n_sink is None else n_sink} + window {window})"
+    if strategy == "recompute" and window:
+        return f"recompute (window {window})"
     return f"{strategy} (window {window})" if strategy == "sliding" and window else strategy

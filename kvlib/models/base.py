@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import STRATEGIES, ConcatCache, KVCache, attention_mask
+from ..streaming import N_SINK
 
 
 class CachedAttention(nn.Module):
@@ -87,28 +88,49 @@ class CausalLM(nn.Module):
 
     def set_kv_cache(self, strategy: str = "concat", *, max_len: int | None = None,
                      window: int | None = None, **options) -> None:
-        """Give every attention layer a fresh cache of one strategy (see ``kvlib.cache``).
+        """Give every attention layer a fresh cache of one strategy (see ``kvlib.cache`` and
+        ``kvlib.streaming``).
 
         ``max_len`` sizes "prealloc" (default: the context length); ``window`` is required by
-        "sliding" and optional for "none" (a no-cache model masked to the same window).
+        "sliding", "sinks" and "recompute" and optional for "none" (a no-cache model masked to
+        the same window); ``options`` go to the cache class (``n_sink=`` for "sinks").
         """
-        ctx = self.cfg.context_length
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown cache {strategy!r}; choose one of {list(STRATEGIES)}")
+        kwargs = self._cache_arguments(strategy, max_len, window, options)
+        p = next(self.parameters())
+        for layer in self.attention_layers:
+            layer.kv_cache = STRATEGIES[strategy](**kwargs).to(p.device)
+        self.pos = 0
+
+    def _cache_arguments(self, strategy: str, max_len: int | None, window: int | None,
+                         options: dict) -> dict:
+        """The checked arguments of one strategy's class."""
+        ctx = self.cfg.context_length
         if window is not None and not 0 < window <= ctx:
             raise ValueError(
                 f"window must be between 1 and the context length ({ctx} tokens), got {window}"
             )
-        if strategy == "sliding" and window is None:
-            raise ValueError("the sliding cache needs a window, e.g. window=256")
+        if strategy in ("sliding", "sinks", "recompute") and window is None:
+            raise ValueError(f"the {strategy!r} cache needs a window, e.g. window=256")
         if strategy in ("concat", "prealloc") and window is not None:
-            raise ValueError(f"window applies to 'sliding' (or 'none'), not {strategy!r}")
-        kwargs = {"none": {"window": window}, "concat": {}, "sliding": {"window": window},
-                  "prealloc": {"max_len": max_len or ctx}}[strategy]
-        p = next(self.parameters())
-        for layer in self.attention_layers:
-            layer.kv_cache = STRATEGIES[strategy](**kwargs, **options).to(p.device)
-        self.pos = 0
+            raise ValueError(f"window applies to 'sliding', 'sinks', 'recompute' or 'none', "
+                             f"not {strategy!r}")
+        if strategy == "prealloc":
+            return {"max_len": max_len or ctx, **options}
+        if strategy != "sinks":
+            return {**({} if strategy == "concat" else {"window": window}), **options}
+        inv_freq = getattr(getattr(self, "rope", None), "inv_freq", None)
+        if inv_freq is None:
+            raise ValueError("attention sinks need rotary positions (the Llama/Qwen3 family): "
+                             "GPT-2 adds learned absolute positions to its embeddings, so a "
+                             "cached key cannot be moved; use cache='sliding' for GPT-2")
+        n_sink = options.get("n_sink", N_SINK)
+        if n_sink + window > ctx:
+            raise ValueError(f"n_sink + window = {n_sink + window} tokens, more than the "
+                             f"{ctx} positions the model was trained on: make the window at "
+                             f"most {ctx - n_sink}")
+        return {"window": window, **options, "inv_freq": inv_freq}
 
     def reset_kv_cache(self) -> None:
         """Forget every cached token in every layer and restart the position counter."""

@@ -182,6 +182,12 @@ class RotaryEmbedding(nn.Module):
             self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
         self._exact = self.cos  # a .to() that casts or moves the buffer replaces this tensor
 
+    @property
+    def inv_freq(self) -> Tensor:
+        """The ``(D/2,)`` rotation frequencies (float32, on the CPU): what a cache needs to move a
+        cached key to another position (``kvlib.streaming``)."""
+        return rope_frequencies(self.head_dim, self.theta, self.scaling)
+
     def forward(self, start: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``, in ``like``'s dtype."""
         end, n, cos = start + T, self.cos.shape[0], self.cos
