@@ -1,14 +1,15 @@
-"""Generating past the context: attention sinks, and the recomputed window they are measured against.
+"""Generating past the context: attention sinks, and the recomputed window they are measured
+against.
 
 A sliding window (``SlidingWindowCache``) keeps memory flat, but once it drops a text's first
 tokens a model trained with full attention falls apart: it had learned to park attention it does
 not need on those first tokens (the "attention sinks" of StreamingLLM, Xiao et al. 2023). Keeping
 a few of them fixes it:
 
-| strategy    | class            | memory held                  | what attention sees                     |
-|-------------|------------------|------------------------------|-----------------------------------------|
-| "sinks"     | ``SinkCache``    | ``n_sink + window`` tokens   | the first ``n_sink`` and the last ``window`` |
-| "recompute" | ``RecomputeCache`` | nothing                    | the last ``window``, recomputed each step |
+| strategy    | class              | memory held       | what attention sees                    |
+|-------------|--------------------|-------------------|----------------------------------------|
+| "sinks"     | ``SinkCache``      | n_sink + window   | the first n_sink and the last window   |
+| "recompute" | ``RecomputeCache`` | nothing           | the last window, recomputed every step |
 
 Positions. StreamingLLM gives every cached token its place *in the cache*: the sinks are 0 ..
 n_sink-1 and the window follows them, so the positions never pass ``n_sink + window``. With RoPE

@@ -120,8 +120,8 @@ The tokenizer is GPT-2's BPE with its vocabulary cut to {runs[0]['vocab_size']} 
 {m['max_space_run']} spaces, and the GPT-2 ids most frequent in the train split. Any text encodes; a
 GPT-2 token that was cut is spelled as its bytes ({100 * m['test_spelled_share']:.2f}% of the test
 split's GPT-2 tokens). GPT-2's BPE has no token for two spaces, so indentation costs one token
-per space: {100 * m['test_space_share_gpt2']:.1f}% of the test split's GPT-2 tokens are single spaces,
-and a small model trained on them learns to write long runs of spaces. The space runs (as
+per space: {100 * m['test_space_share_gpt2']:.1f}% of the test split's GPT-2 tokens are single
+spaces, and a small model trained on them learns to write long runs of spaces. The space runs (as
 OpenAI's `p50k_base` added to GPT-2's ranks for code) make an indent one token
 ({100 * m['test_space_share']:.1f}% of the tokens are still lone spaces). The vocabulary is saved
 beside each model as `vocab.json`.
@@ -129,7 +129,7 @@ beside each model as `vocab.json`.
 
 
 def _abilities(runs: list[dict]) -> str:
-    m, ctx = runs[0]["corpus"], runs[0]["config"]["context_length"]
+    ctx = runs[0]["config"]["context_length"]
     return f"""## What they can and cannot do
 
 They continue Python source in the style of the standard library: indentation, keywords,

@@ -10,11 +10,13 @@ import sys
 
 import torch
 
+from ..loading import TRAINED, TRAINED_DIR
+from ..models import PRESETS
 from .card import write_card
 from .config import CLI_SETTINGS, TrainConfig
 from .data import build_data
 from .loop import Trainer
-from .results import finish
+from .results import LONG_FILE, finish, save_long_text
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None,
@@ -66,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
     p.add_argument("--card", action="store_true", help="only rewrite kvlib/trained/README.md "
                    "from the metrics files, then stop")
+    p.add_argument("--long-text", action="store_true", help=f"only write {LONG_FILE} (the "
+                   "long held-out text) beside the trained models, then stop")
     return p
 
 
@@ -73,6 +77,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
     if args.card:
         print(f"wrote {write_card()}")
+        return None
+    if args.long_text:
+        for name in TRAINED:
+            folder = TRAINED_DIR / name
+            if folder.is_dir():
+                save_long_text(build_data(PRESETS[name].vocab_size, args.corpus_root), folder)
+                print(f"wrote {folder / LONG_FILE}")
         return None
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -53,6 +53,7 @@ def build_data(vocab_size: int, root: str | None = None,
     manifest["test_space_share_gpt2"] = float((test == SPACE_ID).mean())  # with GPT-2's BPE
     manifest["test_space_share"] = float((ids["test"] == tokenizer.space_id).mean())
     manifest["max_space_run"] = tokenizer.max_space_run
+    manifest["test_files"] = [str(f) for f in corpus.files["test"]]
     manifest["test_spelled_share"] = float(1 - tokenizer.kept(test).mean())  # not in the vocab
     return TokenData(tokenizer, ids, manifest)
 

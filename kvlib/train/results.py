@@ -24,20 +24,43 @@ from ..machine import environment_info
 from ..models import CausalLM, GPTModel
 from ..plots.figure import figure_png
 from ..plots.training import plot_training
-from .data import fixed_windows, windows_sha256
+from .data import TokenData, fixed_windows, windows_sha256
 from .loop import Trainer
 
 SLICE_FILE, METRICS_FILE, LOSS_FILE = "test_slice.json", "metrics.json", "loss.png"
+LONG_FILE = "test_long.json"  # one long held-out stretch, for streaming and forgetting
+LONG_TOKENS = 4096  # 16x the mini models' context
 SLICE_FORMAT = "kvlib held-out windows 1"
 PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
 SAMPLE_TOKENS = 60
 
 
-def save_test_slice(windows: torch.Tensor, path: Path) -> None:
-    """The held-out windows as token ids (one window per line)."""
+def save_test_slice(windows: torch.Tensor, path: Path, source: str = "") -> None:
+    """The held-out windows as token ids (one window per line); ``source`` says where from."""
     rows = ",\n".join(json.dumps(w) for w in windows.tolist())
     path.write_text(f'{{"format": "{SLICE_FORMAT}", "sha256": "{windows_sha256(windows)}", '
-                    f'"windows": [\n{rows}\n]}}\n')
+                    f'"source": {json.dumps(source)}, "windows": [\n{rows}\n]}}\n')
+
+
+def long_text(data: TokenData, tokens: int = LONG_TOKENS) -> tuple[torch.Tensor, str]:
+    """The first ``tokens`` tokens of the longest file of the test split (``(1, tokens)``), and
+    its name: one file, so that a name defined early and used late is really the same name."""
+    ids, eot = data.ids["test"], data.tokenizer.eot_id
+    ends = np.flatnonzero(ids == eot)
+    starts = np.r_[0, ends[:-1] + 1]
+    longest = int(np.argmax(ends - starts))
+    if ends[longest] - starts[longest] < tokens:
+        raise ValueError(f"no test file has {tokens} tokens")
+    start = int(starts[longest])
+    window = torch.from_numpy(ids[start : start + tokens].astype(np.int64))[None]
+    return window, data.manifest.get("test_files", [None] * len(ends))[longest] or ""
+
+
+def save_long_text(data: TokenData, out: Path) -> None:
+    """Write ``test_long.json`` into ``out`` (``python -m kvlib.train --long-text`` does it for
+    models trained before it existed)."""
+    window, name = long_text(data)
+    save_test_slice(window, out / LONG_FILE, f"the first {window.shape[1]} tokens of {name}")
 
 
 def load_test_slice(path: str | Path) -> torch.Tensor:
@@ -76,6 +99,7 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
     save_model(trainer.model, out)  # bfloat16 safetensors, config.json, vocab.json
     windows = fixed_windows(data.ids["test"], cfg.test_windows, ctx)
     save_test_slice(windows, out / SLICE_FILE)
+    save_long_text(data, out)
     shipped = load_model(out)  # float32, as a reader gets it
     test_ids = data.ids["test"]
     whole = torch.from_numpy(test_ids[: len(test_ids) // ctx * ctx].astype(np.int64))
