@@ -42,3 +42,17 @@ def test_python_dash_m_reports_the_stored_run():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("# Benchmark results") and "## Lockstep" in done.stdout
+
+
+def test_streaming_bench_writes_json_and_its_report(tmp_path, capsys):
+    out = tmp_path / "streaming.json"
+    main(["streaming", "--model", "tiny-llama", "--length", "320", "--window", "60",
+          "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out),
+          "--no-progress"])
+    d = json.loads(out.read_text())
+    assert d["lengths"] == [40, 80, 160, 320] and d["window"] == 60
+    sinks, pre = d["strategies"]["sinks"], d["strategies"]["prealloc"]
+    assert len(set(sinks["bytes"])) == 1 and pre["bytes"][0] == pre["bytes"][-1]  # both fixed
+    assert d["strategies"]["recompute"]["bytes"] == [0, 0, 0, 0]
+    assert [t["met"] in (True, False) for t in d["targets"]] == [True, True]
+    assert "sinks + window 60" in capsys.readouterr().out

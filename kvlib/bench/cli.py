@@ -18,6 +18,7 @@ from .overhead import compile_check
 from .plan import PLANS, Suite
 from .report import compile_text, lockstep_text, report, summary_table
 from .run import Bench
+from .streaming import streaming, streaming_lines
 
 DESCRIPTION = ("Benchmarks: every cache strategy, measured against the weight-streaming floor and "
                "Hugging Face.")
@@ -77,6 +78,18 @@ def add_other_parsers(sub) -> None:
     co.add_argument("--new-tokens", type=int, default=100)
     co.add_argument("--threads", type=int, default=2)
     co.add_argument("--out", default="compile.json")
+    st = sub.add_parser("streaming", help="attention sinks vs prealloc vs recomputing the "
+                        "window, far past the context")
+    st.add_argument("--model", default="mini-llama")
+    st.add_argument("--length", type=int, default=2048, help="tokens streamed (8x the context)")
+    st.add_argument("--window", type=int, help="default: the context less the sinks")
+    st.add_argument("--n-sink", type=int, default=4)
+    st.add_argument("--repeats", type=int, default=3)
+    st.add_argument("--warmup", type=int, default=1)
+    st.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    st.add_argument("--out", default="streaming.json")
+    st.add_argument("--no-progress", action="store_true")
+    rep.add_argument("--streaming", help="a JSON written by the streaming command, to include")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
@@ -111,6 +124,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.lockstep:
         data["lockstep"] = _read(args.lockstep)
     print(report(data, args.plots_dir))
+    if args.streaming:
+        print("\n---\n")
+        print("\n".join(streaming_lines(_read(args.streaming))))
     for path in args.also:  # each with its own machine, commands and targets
         print("\n---\n")
         print(report({**_read(path), "report_command": command}))
@@ -128,6 +144,14 @@ def cmd_lockstep(args: argparse.Namespace, argv: list[str]) -> None:
     d["command"] = _command(argv)
     _write(args.out, d)
     print("\n".join(lockstep_text(d)))
+
+
+def cmd_streaming(args: argparse.Namespace, argv: list[str]) -> None:
+    d = streaming(args.model, args.length, args.window, args.n_sink, args.repeats, args.warmup,
+                  progress=not args.no_progress)
+    d["command"] = _command(argv)
+    _write(args.out, d)
+    print("\n".join(streaming_lines(d)))
 
 
 def cmd_plot(args: argparse.Namespace, argv: list[str]) -> None:
@@ -159,7 +183,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
-            "compile": cmd_compile}
+            "compile": cmd_compile, "streaming": cmd_streaming}
 
 
 def main(argv: list[str] | None = None) -> None:

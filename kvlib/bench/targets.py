@@ -34,6 +34,9 @@ TARGETS: dict[str, Target] = {
     "qwen3_faster_than_hf_200": Target(200, ">=", 1.05),  # over transformers' DynamicCache
     # the prealloc decode step in bfloat16 over the same step in float32, per model
     "bf16_step_200": Target(200, "<=", 0.75),
+    # attention sinks (python -m kvlib.bench streaming): flat, and against recomputing the window
+    "sinks_flat": Target(2048, "<=", 1.1),  # step at the longest length / at 1/8 of it
+    "sinks_vs_recompute": Target(2048, ">=", 10.0),  # recompute's time per token / sinks'
 }
 QWEN3 = {**BASE, "model": "qwen3-0.6b"}  # the modern targets' cells
 

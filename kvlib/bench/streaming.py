@@ -1,0 +1,132 @@
+"""``python -m kvlib.bench streaming``: generating far past the context, step by step.
+
+One text of ``length`` tokens is streamed through each strategy, one token per step, as
+``kvlib.perplexity`` streams it: attention sinks ("sinks", ``n_sink`` + ``window``), a prealloc
+cache that keeps everything, and StreamingLLM's baseline, the window recomputed at every step
+("recompute"). At ``length / 8``, ``/ 4``, ``/ 2`` and ``length`` the decode step is timed
+(the median of the ``probe`` steps that end there) and the bytes each cache holds are read.
+Recomputation does not depend on what came before, so it is timed only at those lengths.
+Every number is the median over ``repeats`` passes, after ``warmup`` passes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generate import decode_one, prefill
+from ..loading import load_model
+from ..machine import environment_info
+from ..timing import Stopwatch
+from .targets import target_row
+
+STRATEGIES = ("sinks", "prealloc", "recompute")
+
+
+def _lengths(length: int) -> list[int]:
+    return [length // 8, length // 4, length // 2, length]
+
+
+@torch.inference_mode()
+def _stream(model, ids: torch.Tensor, strategy: str, window: int, n_sink: int, probe: int
+            ) -> dict:
+    """One pass: step times (ms) and bytes held at each checkpoint length."""
+    T = ids.shape[1]
+    marks = _lengths(T)
+    opts = {"prealloc": {"max_len": T}, "sinks": {"window": window, "n_sink": n_sink},
+            "recompute": {"window": window}}[strategy]
+    model.set_kv_cache(strategy, **opts)
+    steps, nbytes = {}, {}
+    if strategy == "recompute":  # each step is independent of the ones before
+        for L in marks:
+            times = []
+            for t in range(L - probe, L):
+                with Stopwatch() as sw:
+                    decode_one(model, ids[:, : t + 1])
+                times.append(sw.seconds)
+            steps[L], nbytes[L] = statistics.median(times) * 1e3, model.kv_cache_nbytes
+        return {"step_ms": [steps[L] for L in marks], "bytes": [nbytes[L] for L in marks]}
+    prefill(model, ids[:, :1])
+    times = []
+    for t in range(1, T):
+        with Stopwatch() as sw:
+            decode_one(model, ids[:, : t + 1])
+        times.append(sw.seconds)
+        if t + 1 in marks:  # the step that brought the text to t + 1 tokens
+            L = t + 1
+            steps[L] = statistics.median(times[-probe:]) * 1e3
+            nbytes[L] = model.kv_cache_nbytes
+    return {"step_ms": [steps[L] for L in marks], "bytes": [nbytes[L] for L in marks]}
+
+
+def streaming(model_name: str = "mini-llama", length: int = 2048, window: int | None = None,
+              n_sink: int = 4, repeats: int = 3, warmup: int = 1, probe: int = 32,
+              seed: int = 0, progress: bool = True) -> dict:
+    """Measure; see the module docstring. ``window`` defaults to the context less the sinks."""
+    model = load_model(model_name)
+    ctx = model.cfg.context_length
+    window = window or ctx - n_sink
+    if length // 8 <= probe:
+        raise ValueError(f"length {length} is too short: length / 8 must exceed probe ({probe})")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=g)
+    runs = {s: [] for s in STRATEGIES}
+    bar = tqdm(total=(warmup + repeats) * len(STRATEGIES), desc="streaming", disable=not progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prealloc passes the trained context: it warns once
+        for i in range(warmup + repeats):
+            for s in STRATEGIES:
+                r = _stream(model, ids, s, window, n_sink, probe)
+                if i >= warmup:
+                    runs[s].append(r)
+                bar.update()
+    bar.close()
+    model.reset_kv_cache()
+    med = {s: {"step_ms": [statistics.median(r["step_ms"][k] for r in rs) for k in range(4)],
+               "bytes": rs[0]["bytes"]} for s, rs in runs.items()}
+    return {"kind": "streaming", "model": model_name, "context_length": ctx, "window": window,
+            "n_sink": n_sink, "lengths": _lengths(length), "repeats": repeats, "warmup": warmup,
+            "probe": probe, "threads": torch.get_num_threads(), "dtype": "float32",
+            "device": "cpu", "environment": environment_info(), "strategies": med,
+            "targets": streaming_targets(med)}
+
+
+def streaming_targets(med: dict) -> list[dict]:
+    """Sinks flat (the step at the longest length over the step at an eighth of it) and sinks
+    against recomputing the window (per token, at the longest length)."""
+    sinks, rec = med["sinks"]["step_ms"], med["recompute"]["step_ms"]
+    return [
+        target_row("sinks_flat", "sinks: decode step at the longest length / at 1/8 of it",
+                   sinks[-1] / sinks[0]),
+        target_row("sinks_vs_recompute", "recompute the window / sinks, time per token",
+                   rec[-1] / sinks[-1]),
+    ]
+
+
+def streaming_lines(d: dict) -> list[str]:
+    """The Markdown section of a streaming run."""
+    env = d["environment"]  # the load at the start: other work on the machine
+    lines = [
+        "## Streaming past the context (attention sinks)", "",
+        f"`{d['model']}` (context {d['context_length']}), {d['n_sink']} sinks + window "
+        f"{d['window']}, {d['dtype']} on {d['device']}, {d['threads']} threads, "
+        f"{env.get('cpu_model', '?')}, torch {env.get('torch', '?')}, load average "
+        f"{env.get('load_avg', [float('nan')])[0]:.2f} at the start; median of {d['repeats']} "
+        f"passes after {d['warmup']} warm-up, "
+        f"each step time the median of the {d['probe']} steps ending at that length. "
+        f"Command: `{d.get('command', 'python -m kvlib.bench streaming')}`", "",
+        "| strategy | " + " | ".join(f"step ms at {L}" for L in d["lengths"])
+        + " | " + " | ".join(f"KiB at {L}" for L in d["lengths"]) + " |",
+        "|---|" + "---:|" * (2 * len(d["lengths"])),
+    ]
+    for s, r in d["strategies"].items():
+        lines.append(f"| {s} | " + " | ".join(f"{x:.2f}" for x in r["step_ms"]) + " | "
+                     + " | ".join(f"{b / 1024:,.0f}" for b in r["bytes"]) + " |")
+    lines += ["", "| target | value | limit | met |", "|---|---:|---:|---|"]
+    for t in d["targets"]:
+        met = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['value']:.2f}x | {t['op']} {t['limit']} | {met} |")
+    return lines
