@@ -12,7 +12,7 @@ from .cache import (
 )
 from .check import CacheCheckError, check_cache
 from .course import REPO_URL, show_source
-from .evaluate import Perplexity, perplexity
+from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
 from .loading import load_model
 from .machine import environment
@@ -37,6 +37,6 @@ __all__ = [
     "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",
     "Stopwatch", "Tokenizer", "TrimmedTokenizer", "attention_mask", "check_cache", "decode",
     "decode_one", "device_sync", "encode", "environment", "generate", "generate_stream",
-    "get_tokenizer", "load_model", "perplexity", "prefill", "sample", "show_source",
-    "tokenizer_for",
+    "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
+    "sample", "show_source", "tokenizer_for",
 ]

@@ -15,17 +15,54 @@ streaming with recomputation (``stream=True``), only much faster.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .generate import decode_one, prefill
+from .loading import TRAINED, TRAINED_DIR
 from .models import CausalLM, check_token_ids
 from .state import preserved_state
+
+SLICE_FILE = "test_slice.json"  # held-out windows beside each trained model: the card's score
+LONG_FILE = "test_long.json"  # one long held-out stretch: streaming and forgetting
+SLICE_FORMAT = "kvlib held-out windows 1"
+
+
+def windows_sha256(windows: Tensor) -> str:
+    """A fingerprint of scored token windows, to check that two evaluations read the same."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def load_test_slice(path: str | Path) -> Tensor:
+    """Held-out windows ``(n, T)`` as the training script saved them, checked against their
+    fingerprint."""
+    data = json.loads(Path(path).read_text())
+    windows = torch.tensor(data["windows"], dtype=torch.long)
+    if data.get("format") != SLICE_FORMAT or windows_sha256(windows) != data["sha256"]:
+        raise ValueError(f"{path}: not an intact kvlib held-out slice")
+    return windows
+
+
+def held_out(name: str = "mini-llama", long: bool = True) -> Tensor:
+    """Text the trained model ``name`` never saw, as its token ids: ``long`` gives one stretch
+    ``(1, 4096)`` of a single file of the test split, else the card's windows ``(64, 256)``."""
+    if name not in TRAINED:
+        raise ValueError(f"held-out text comes with the trained models {list(TRAINED)}, "
+                         f"not {name!r}")
+    path = TRAINED_DIR / name / (LONG_FILE if long else SLICE_FILE)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train the model (python -m kvlib.train "
+                                f"--model {name} --steps N), or write it with python -m "
+                                "kvlib.train --long-text")
+    return load_test_slice(path)
 
 
 @dataclass
@@ -116,3 +153,29 @@ def _streamed(model: CausalLM, rows: Tensor) -> Tensor:
         if t < T - 1:
             logits = decode_one(model, rows[:, : t + 1])
     return nll
+
+
+@torch.inference_mode()
+def attention_to_first(model: CausalLM, ids: Tensor, n_first: int = 4,
+                       skip: int | None = None) -> Tensor:
+    """How much attention goes to the first tokens: ``(layers, heads)``, the softmax weight that
+    queries at positions ``skip ..`` (default ``4 * n_first``, so the first tokens are not simply
+    near) put on keys ``0 .. n_first-1``, averaged over those queries. Full attention over ``ids``
+    ``(B, T)``, no cache; the model's caches are left as they were."""
+    skip = 4 * n_first if skip is None else skip
+    if ids.shape[1] <= skip:
+        raise ValueError(f"need more than skip={skip} tokens, got {ids.shape[1]}")
+    layers, mass = [layer.self_attn for layer in model.layers], []
+
+    def record(module, args, output):
+        w = module.attention_weights(*args[:3])  # (B, H, T, T)
+        mass.append(w[:, :, skip:, :n_first].sum(-1).mean(dim=(0, 2)))  # (H,)
+
+    with preserved_state(model):
+        hooks = [a.register_forward_hook(record) for a in layers]
+        try:
+            model(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+    return torch.stack(mass).float().cpu()  # (layers, heads)

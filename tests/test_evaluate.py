@@ -82,3 +82,22 @@ def test_errors(model):
         kvlib.perplexity(model, [5])
     with pytest.raises(ValueError, match=r"must lie in \[0, 50257\)"):
         kvlib.perplexity(model, [5, 50257])
+
+
+def test_attention_to_first_sums_the_softmax_weights_on_the_first_keys(make_llama):
+    model = make_llama("tiny-llama")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40))
+    model.set_kv_cache("sliding", window=8)
+    mass = kvlib.attention_to_first(model, ids, n_first=3, skip=10)
+    assert mass.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    assert ((mass > 0) & (mass < 1)).all()
+    assert model.caches[0].name == "sliding" and model.caches[0].window == 8  # as found
+    # the first layer by hand: its input is the embedding after the first norm
+    layer = model.layers[0]
+    cos, sin = model.rope(0, 40, like=ids.float())
+    x = layer.input_layernorm(model.embed_tokens(ids))
+    w = layer.self_attn.attention_weights(x, cos, sin)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, model.cfg.n_heads, 40))
+    torch.testing.assert_close(mass[0], w[:, :, 10:, :3].sum(-1).mean(dim=(0, 2)))
+    everything = kvlib.attention_to_first(model, ids, n_first=40, skip=39)
+    torch.testing.assert_close(everything, torch.ones_like(everything))

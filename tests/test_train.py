@@ -13,8 +13,8 @@ import torch
 import kvlib
 from kvlib import loading
 from kvlib.corpus import split_of
+from kvlib.evaluate import load_test_slice
 from kvlib.train import Batches, TrainConfig, Trainer, build_data, card_text, lr_at, main
-from kvlib.train.results import load_test_slice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KVLIB = Path(kvlib.__file__).parent

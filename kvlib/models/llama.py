@@ -235,7 +235,9 @@ class GroupedQueryAttention(CachedAttention):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_cache: bool = False) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``(B, H, T, D)``, keys and values ``(B, H_kv, T, D)`` of ``x`` ``(B, T, C)``,
+        queries and keys rotated by their positions' ``cos``/``sin``."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
@@ -243,9 +245,23 @@ class GroupedQueryAttention(CachedAttention):
         if self.q_norm is not None:  # Qwen3: normalise every head's query and key
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys rotated before caching
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # keys rotated before caching
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_cache: bool = False) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         y = attend(q, k, v, self.kv_cache if use_cache else None)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attention_weights(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The causal softmax weights ``(B, H, T, T)`` of ``x`` over itself (for pictures: the
+        fast path never forms them)."""
+        q, k, _ = self.project(x, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
+        scores = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (B, H, T, T)
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
 class SwiGLU(nn.Module):

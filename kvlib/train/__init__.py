@@ -16,12 +16,13 @@ library, offline, on a CPU.
 | ``cli`` | ``train()`` and the command line |
 """
 
+from ..evaluate import load_test_slice
 from .card import card_text, write_card
 from .cli import main, train
 from .config import TrainConfig
 from .data import Batches, TokenData, build_data, fixed_windows
 from .loop import Trainer, lr_at
-from .results import finish, load_test_slice
+from .results import finish
 
 __all__ = ["Batches", "TokenData", "TrainConfig", "Trainer", "build_data", "card_text",
            "finish", "fixed_windows", "load_test_slice", "lr_at", "main", "train", "write_card"]

@@ -8,7 +8,6 @@ function of ``s``: a resumed run needs nothing but the step to continue the data
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,11 +64,6 @@ def fixed_windows(ids: np.ndarray, n: int, length: int) -> Tensor:
         raise ValueError(f"a split of {len(ids)} tokens is shorter than one window ({length})")
     starts = np.linspace(0, len(ids) - length, n).astype(np.int64)
     return torch.from_numpy(np.stack([ids[s : s + length] for s in starts]).astype(np.int64))
-
-
-def windows_sha256(windows: Tensor) -> str:
-    """A fingerprint of scored token windows, to check that two evaluations read the same."""
-    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
 class Batches:

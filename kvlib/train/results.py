@@ -17,20 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import perplexity
+from ..evaluate import LONG_FILE, SLICE_FILE, SLICE_FORMAT, perplexity, windows_sha256
 from ..generate import generate
 from ..loading import load_model, save_model
 from ..machine import environment_info
 from ..models import CausalLM, GPTModel
 from ..plots.figure import figure_png
 from ..plots.training import plot_training
-from .data import TokenData, fixed_windows, windows_sha256
+from .data import TokenData, fixed_windows
 from .loop import Trainer
 
-SLICE_FILE, METRICS_FILE, LOSS_FILE = "test_slice.json", "metrics.json", "loss.png"
-LONG_FILE = "test_long.json"  # one long held-out stretch, for streaming and forgetting
+METRICS_FILE, LOSS_FILE = "metrics.json", "loss.png"
 LONG_TOKENS = 4096  # 16x the mini models' context
-SLICE_FORMAT = "kvlib held-out windows 1"
 PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
 SAMPLE_TOKENS = 60
 
@@ -61,15 +59,6 @@ def save_long_text(data: TokenData, out: Path) -> None:
     models trained before it existed)."""
     window, name = long_text(data)
     save_test_slice(window, out / LONG_FILE, f"the first {window.shape[1]} tokens of {name}")
-
-
-def load_test_slice(path: str | Path) -> torch.Tensor:
-    """The windows ``save_test_slice`` wrote, checked against their fingerprint."""
-    data = json.loads(Path(path).read_text())
-    windows = torch.tensor(data["windows"], dtype=torch.long)
-    if data.get("format") != SLICE_FORMAT or windows_sha256(windows) != data["sha256"]:
-        raise ValueError(f"{path}: not an intact kvlib held-out slice")
-    return windows
 
 
 def score(model: CausalLM, windows: torch.Tensor) -> dict:
