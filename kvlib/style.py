@@ -8,7 +8,7 @@ NO_CACHE = "no cache"  # how "none" / None is spelled for a reader
 COLORS = {
     # cache strategies (kvlib) and the reference implementations they are measured against
     "none": "#7f7f7f", "concat": "#1f77b4", "prealloc": "#2ca02c", "sliding": "#9467bd",
-    "sinks": "#d62728", "recompute": "#17becf", "sink": "#e377c2",
+    "sinks": "#c51b7d", "recompute": "#17becf", "sink": "#f1b6da",
     "hf-dynamic": "#ff7f0e", "hf-static": "#8c564b", "floor": "#000000",
     # cache pictures: what a slot holds
     "filled": "#aec7e8", "overwritten": "#ffbb78", "empty": "#eeeeee", "written": "#d62728",

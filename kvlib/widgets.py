@@ -51,6 +51,36 @@ def _image(png: bytes = b"") -> widgets.Image:
     return widgets.Image(value=png, format="png", layout=widgets.Layout(max_width="100%"))
 
 
+class FrameScrubber(widgets.VBox):
+    """A Play button and a slider over pictures rendered beforehand (PNG bytes): with ipywidgets
+    8 the slider picks the frame in the browser, so it scrubs in the static book too.
+    ``values`` are what the slider shows for each frame (e.g. the token count)."""
+
+    def __init__(self, pngs: Sequence[bytes], values: Sequence[int] | None = None,
+                 description: str = "frame", interval_ms: int = 600) -> None:
+        n = len(pngs)
+        if n == 0:
+            raise ValueError("FrameScrubber needs at least one frame")
+        self.pngs, self.values = list(pngs), list(values or range(n))
+        self.play = widgets.Play(value=0, min=0, max=n - 1, step=1, interval=interval_ms)
+        self.slider = widgets.IntSlider(value=0, min=0, max=n - 1, description=description)
+        self.links = [widgets.jslink((self.play, "value"), (self.slider, "value"))]
+        if HAS_STACK:
+            self.view = widgets.Stack([_image(p) for p in self.pngs], selected_index=0)
+            self.links.append(widgets.jslink((self.slider, "value"), (self.view, "selected_index")))
+        else:  # ipywidgets 7: Python swaps the picture (needs the kernel)
+            self.view = _image(self.pngs[0])
+            self.slider.observe(self._show, names="value")
+        super().__init__([widgets.HBox([self.play, self.slider]), self.view])
+        self.add_class("kvlib-explorer")
+
+    def _show(self, change: dict) -> None:
+        self.view.value = self.pngs[change["new"]]
+
+    def __repr__(self) -> str:
+        return f"FrameScrubber({len(self.pngs)} frames)"
+
+
 class CacheExplorer(widgets.VBox):
     """Step through one layer's cache for several strategies: a strategy menu, a step slider with
     a Play button, and the picture of ``plot_cache_state`` for that step.

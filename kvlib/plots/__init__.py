@@ -21,6 +21,7 @@ hand the reader's model back as they found it (``kvlib.state.preserved_state``).
 | ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``: cache bytes beside the weights |
 | ``rope.py`` | ``rope_rotation``, ``plot_rope_rotation``: one key rotated by RoPE, pair by pair |
 | ``training.py`` | ``plot_training``: the trained models' loss curves, from their metrics |
+| ``streaming.py`` | ``plot_stream_loss``, ``plot_stream_state``, ``plot_first_token_attention`` |
 | ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
 | ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
 """
@@ -33,12 +34,19 @@ from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
 from .latency import LatencyRun, measure_latency, plot_latency
 from .memory import plot_cache_sizes, plot_memory
 from .rope import RopeRotation, plot_rope_rotation, rope_rotation
+from .streaming import (
+    plot_first_token_attention,
+    plot_stream_loss,
+    plot_stream_state,
+    stream_state_pngs,
+)
 from .training import plot_training
 
 __all__ = [
     "CACHE_FIGSIZE", "COLORS", "NO_CACHE", "CacheFrame", "LatencyRun", "PlotFigure", "Prompt",
     "StrategySpec", "cache_frames", "cache_frames_for", "cache_state_pngs", "figure_png",
     "RopeRotation", "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency",
-    "plot_memory", "plot_rope_rotation", "plot_training", "prompt_ids", "rope_rotation",
+    "plot_first_token_attention", "plot_memory", "plot_rope_rotation", "plot_stream_loss",
+    "plot_stream_state", "plot_training", "stream_state_pngs", "prompt_ids", "rope_rotation",
     "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
 ]
