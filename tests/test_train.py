@@ -136,7 +136,10 @@ def test_the_command_line_writes_what_load_model_and_the_card_read(tmp_path, cor
                     cfg.checkpoint_dir, "--no-progress", *sets])
     out = Path(cfg.out)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "vocab.json",
-                                               "metrics.json", "loss.png", "test_slice.json"}
+                                               "metrics.json", "loss.png", "test_slice.json",
+                                               "test_long.json"}
+    long = load_test_slice(out / "test_long.json")  # one file of the test split, from its start
+    assert long.shape[0] == 1 and long[0, -1] != kvlib.tokenizer_for(kvlib.load_model(out)).eot_id
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     model = kvlib.load_model(out)  # what a reader gets: float32, the vocabulary attached
     assert model.cfg.vocab_size == 400 and kvlib.tokenizer_for(model).vocab_size == 400
@@ -151,6 +154,30 @@ def test_the_command_line_writes_what_load_model_and_the_card_read(tmp_path, cor
     (out.parent / "README.md").unlink()
     main(["--card"])  # only the card, from the metrics files
     assert (out.parent / "README.md").read_text() == card
+
+
+def test_a_rerun_is_recorded_in_the_metrics_and_the_card(tmp_path, corpus_root, monkeypatch):
+    args = ["--model", "mini-llama", "--steps", "3", "--batch-size", "2", "--warmup-steps", "1",
+            "--test-windows", "2", "--valid-windows", "2", "--corpus-root", str(corpus_root),
+            "--no-progress", *[a for k, v in TINY["mini-llama"].items()
+                               for a in ("--set", f"{k}={v}")]]
+    shipped, rerun = tmp_path / "trained" / "mini-llama", tmp_path / "rerun"
+    main([*args, "--out", str(shipped), "--checkpoint-dir", str(tmp_path / "c1")])
+    card = (shipped.parent / "README.md").read_text()
+    assert "Not rerun yet" in card
+    main([*args, "--out", str(rerun), "--checkpoint-dir", str(tmp_path / "c2"), "--no-card"])
+    monkeypatch.setattr(loading, "TRAINED_DIR", shipped.parent)
+    main(["--record-rerun", str(rerun)])
+    metrics = json.loads((shipped / "metrics.json").read_text())
+    assert metrics["rerun"]["same_weights"] is True  # same seed, machine and threads
+    assert metrics["rerun"]["perplexity"] == metrics["test"]["perplexity"]
+    card = (shipped.parent / "README.md").read_text()
+    assert "bit for bit the same weights" in card and "(+0.00% from" in card
+    main([*args[:-2 * len(TINY["mini-llama"])], "--seed", "7", "--out", str(rerun),
+          "--checkpoint-dir", str(tmp_path / "c3"), "--no-card",
+          *[a for k, v in TINY["mini-llama"].items() for a in ("--set", f"{k}={v}")]])
+    with pytest.raises(ValueError, match="not a rerun"):
+        main(["--record-rerun", str(rerun)])
 
 
 def test_the_card_says_what_to_do_without_metrics():

@@ -163,13 +163,57 @@ def _model(run: dict) -> str:
 perplexity {run['test_full']['perplexity']:.3f} over {run['test_full']['tokens_scored']:,} tokens.
 
 Trained with `{run['command']}` on {run['created'][:10]}; the same weights again:
-`{run['reproduce']}` (same machine and thread count).
+`{run['reproduce']}` (same machine and thread count).{_rerun(run)}
 
 Greedy continuations, the prompt then {run['sample_tokens']} tokens of the model's (prealloc
 cache):
 
 {(chr(10) * 2).join(samples)}
 """
+
+
+def _rerun(run: dict) -> str:
+    """The rerun that checked the run reproduces (``python -m kvlib.train --record-rerun``)."""
+    r = run.get("rerun")
+    if r is None:
+        return ("\nNot rerun yet: `python -m kvlib.train --record-rerun <its folder>` records a "
+                "rerun here.")
+    diff = r["perplexity"] / run["test"]["perplexity"] - 1
+    same = "bit for bit the same weights" if r["same_weights"] else "different weights"
+    return (f"\n\nRerun with that command on {r['created'][:10]} ({r['cpu_model']}, "
+            f"{r['threads']} thread): {r['seconds'] / 60:.1f} min, held-out perplexity "
+            f"{r['perplexity']:.3f} ({100 * diff:+.2f}% from the shipped weights'), {same}. "
+            f"The load average was {r['load_avg']:.1f} at the end of the rerun and "
+            f"{run['environment']['load_avg'][0]:.1f} at the end of the shipped run (2 cores): "
+            "when it is above the run's own threads, the machine was shared and the times are "
+            "longer than the same run alone would take.")
+
+
+def record_rerun(folder: str | Path, name: str | None = None) -> dict:
+    """Compare a rerun's output ``folder`` (``--out`` of the same command) with the shipped model
+    of the same name, store the comparison in the shipped ``metrics.json`` as ``rerun``, and
+    rewrite the card."""
+    import hashlib
+
+    folder = Path(folder)
+    rerun = json.loads((folder / METRICS_FILE).read_text())
+    name = name or rerun["model"]
+    shipped_dir = loading.TRAINED_DIR / name
+    shipped = json.loads((shipped_dir / METRICS_FILE).read_text())
+    if rerun["train"] != {**shipped["train"], "out": rerun["train"]["out"],
+                          "checkpoint_dir": rerun["train"]["checkpoint_dir"]}:
+        raise ValueError(f"{folder} is not a rerun of the shipped {name}: the settings differ")
+    digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+              for d in (folder, shipped_dir)]
+    shipped["rerun"] = {
+        "created": rerun["created"], "seconds": rerun["seconds"],
+        "perplexity": rerun["test"]["perplexity"], "same_weights": digest[0] == digest[1],
+        "cpu_model": rerun["environment"]["cpu_model"],
+        "threads": rerun["environment"]["threads"],
+        "load_avg": rerun["environment"]["load_avg"][0]}
+    (shipped_dir / METRICS_FILE).write_text(json.dumps(shipped, indent=1) + "\n")
+    write_card()
+    return shipped["rerun"]
 
 
 def _commands(runs: list[dict]) -> str:

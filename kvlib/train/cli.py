@@ -12,7 +12,7 @@ import torch
 
 from ..loading import TRAINED, TRAINED_DIR
 from ..models import PRESETS
-from .card import write_card
+from .card import record_rerun, write_card
 from .config import CLI_SETTINGS, TrainConfig
 from .data import build_data
 from .loop import Trainer
@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
     p.add_argument("--card", action="store_true", help="only rewrite kvlib/trained/README.md "
                    "from the metrics files, then stop")
+    p.add_argument("--record-rerun", metavar="FOLDER", help="compare the rerun written to "
+                   "FOLDER (--out) with the shipped model, record it in its metrics, rewrite the "
+                   "card, then stop")
     p.add_argument("--long-text", action="store_true", help=f"only write {LONG_FILE} (the "
                    "long held-out text) beside the trained models, then stop")
     return p
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
     if args.card:
         print(f"wrote {write_card()}")
+        return None
+    if args.record_rerun:
+        r = record_rerun(args.record_rerun)
+        print(f"rerun: perplexity {r['perplexity']:.3f}, same weights: {r['same_weights']}")
         return None
     if args.long_text:
         for name in TRAINED:
