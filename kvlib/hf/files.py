@@ -62,8 +62,7 @@ def read_safetensors(files: list[Path | str]) -> dict[str, Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError as e:
-        raise ImportError('loading weights needs safetensors: pip install "kvlib[pretrained]"'
-                          ) from e
+        raise ImportError("loading weights needs safetensors: pip install safetensors") from e
     sd: dict[str, Tensor] = {}
     for file in files:
         try:
