@@ -101,3 +101,8 @@ def test_attention_to_first_sums_the_softmax_weights_on_the_first_keys(make_llam
     torch.testing.assert_close(mass[0], w[:, :, 10:, :3].sum(-1).mean(dim=(0, 2)))
     everything = kvlib.attention_to_first(model, ids, n_first=40, skip=39)
     torch.testing.assert_close(everything, torch.ones_like(everything))
+
+
+def test_held_out_text_is_only_for_the_trained_models():
+    with pytest.raises(ValueError, match="trained models"):
+        kvlib.held_out("gpt2")

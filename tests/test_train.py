@@ -220,3 +220,18 @@ def test_shipped_model_generates_the_same_tokens_with_every_cache(shipped):
     windowed = kvlib.generate(model, prompt, 40, window=16).tokens
     assert torch.equal(kvlib.generate(model, prompt, 40, cache="sliding", window=16).tokens,
                        windowed)
+    if name == "mini-llama":  # RoPE: the streaming strategies too
+        total = ref.shape[1]
+        for cache, opts in (("sinks", {"window": total - 4, "n_sink": 4}),
+                            ("recompute", {"window": total})):
+            got = kvlib.generate(model, prompt, 40, cache=cache, **opts).tokens
+            assert torch.equal(got, ref), cache
+
+
+def test_shipped_models_come_with_a_long_held_out_text(shipped):
+    name, _, metrics = shipped
+    long = kvlib.held_out(name)
+    model = kvlib.load_model(name)
+    assert long.shape == (1, 4096) and (long < model.cfg.vocab_size).all()
+    assert kvlib.held_out(name, long=False).shape == (metrics["test"]["windows"],
+                                                     metrics["test"]["window_tokens"])
