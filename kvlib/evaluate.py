@@ -117,10 +117,12 @@ def perplexity(model: CausalLM, ids: Sequence[int] | Tensor, cache: str | None =
     """Score every next token of ``ids`` (a list, a ``(T,)`` or a ``(B, T)`` tensor).
 
     ``cache``: None (full attention, recomputed; ``window`` masks it to the same span as a
-    sliding cache), "concat", "prealloc" or "sliding" (needs ``window``); ``cache_options`` go to
-    ``model.set_kv_cache``. With a cache, or ``stream=True``, the text is fed token by token
-    through ``prefill`` and ``decode_one``, as ``generate`` feeds it; otherwise one forward pass
-    per ``batch_size`` rows. The model is evaluated in eval mode and handed back as it was
+    sliding cache), "concat", "prealloc", "sliding" (needs ``window``), "sinks" (``window`` and
+    ``n_sink``) or "recompute" (``window``); ``cache_options`` go to ``model.set_kv_cache``. With
+    a cache, or ``stream=True``, the text is fed token by token through ``prefill`` and
+    ``decode_one``, as ``generate`` feeds it; otherwise one forward pass per ``batch_size`` rows
+    (for "recompute": ``8 * batch_size`` windows per pass, the same losses as streaming). The
+    model is evaluated in eval mode and handed back as it was
     (caches, position counter, training flags).
     """
     rows = _as_rows(ids, model)
@@ -130,6 +132,8 @@ def perplexity(model: CausalLM, ids: Sequence[int] | Tensor, cache: str | None =
         if name == "none" and not stream:
             nll = torch.cat([_one_forward(model, rows[i : i + batch_size], window)
                              for i in range(0, rows.shape[0], batch_size)])
+        elif name == "recompute" and not stream:
+            nll = torch.stack([_recomputed(model, row, window, 8 * batch_size) for row in rows])
         else:
             model.set_kv_cache(name, max_len=rows.shape[1], window=window, **cache_options)
             nll = _streamed(model, rows)
@@ -141,6 +145,27 @@ def _one_forward(model: CausalLM, rows: Tensor, window: int | None) -> Tensor:
     model.set_kv_cache("none", window=window)
     logits = model(rows, use_cache=True)  # positions 0 .. T-1, causal, masked to the window
     return _token_nll(logits[:, :-1], rows[:, 1:]).view(rows.shape[0], -1)
+
+
+def _recomputed(model: CausalLM, row: Tensor, window: int | None, batch_size: int) -> Tensor:
+    """``(T - 1,)`` losses of recomputing the last ``window`` tokens for every prediction, as
+    the "recompute" cache does step by step, with many windows in one forward pass: the
+    prediction of token ``t + 1`` is the last position of tokens ``max(0, t - window + 1) .. t``
+    run from position 0."""
+    if window is None:
+        raise ValueError("the 'recompute' cache needs a window, e.g. window=256")
+    T = row.shape[0]
+    model.set_kv_cache("none")
+    out = []
+    first = min(window, T - 1)  # predictions 0 .. first-1 see the text from its start
+    logits = model(row[None, :first])[0]  # (first, vocab): causal, so each row is a prefix
+    out.append(_token_nll(logits, row[1 : first + 1]))
+    ends = torch.arange(first, T - 1, device=row.device)  # windows ending at token t
+    for chunk in ends.split(batch_size) if len(ends) else ():
+        idx = chunk[:, None] - window + 1 + torch.arange(window, device=row.device)  # (n, W)
+        logits = model(row[idx])[:, -1]  # (n, vocab): only the window's last position
+        out.append(_token_nll(logits, row[chunk + 1]))
+    return torch.cat(out)
 
 
 def _streamed(model: CausalLM, rows: Tensor) -> Tensor:

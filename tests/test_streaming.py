@@ -166,3 +166,12 @@ def test_perplexity_streams_through_sinks(llama):
     want = sink_reference(llama, ids, 2, 6)[0, :-1]
     ref_nll = F.cross_entropy(want, ids[0, 1:], reduction="none")
     torch.testing.assert_close(got.nll, ref_nll, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [5, 12, 13, 30])  # shorter than, equal to and past the window + 1
+def test_recompute_perplexity_batched_equals_streamed(llama, T):
+    ids = torch.randint(0, llama.cfg.vocab_size, (2, T))
+    fast = kvlib.perplexity(llama, ids, cache="recompute", window=11, batch_size=1)
+    slow = kvlib.perplexity(llama, ids, cache="recompute", window=11, stream=True)
+    assert fast.nll.shape == (2 * (T - 1),)
+    torch.testing.assert_close(fast.nll, slow.nll, atol=1e-4, rtol=1e-4)
