@@ -140,8 +140,9 @@ def findings(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", BOOK_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_measured_number_written_by_hand(path):
     found = findings(path)
-    assert not found, (f"{len(found)} number(s) with a unit written by hand (rule: "
-                       "tests/test_book_numbers.py):\n" + "\n".join(found))
+    if found:
+        pytest.fail(f"{len(found)} number(s) with a unit written by hand (the rule: "
+                    "tests/test_book_numbers.py):\n" + "\n".join(found), pytrace=False)
 
 
 # The checker itself: it must fail on what it is meant to catch, and only on that.
@@ -226,3 +227,41 @@ def test_reports_every_offence_with_its_file_line(tmp_path):
                                                f"{tmp_path}/ch.ipynb:{first + 1} (cell 0)",
                                                f"{tmp_path}/page.md:4"]
     assert '"57 s" (a time) written by hand' in got[0]
+
+
+# Glue: every role must find its value, or the book build (-W) fails; checked here on the committed
+# outputs so that a typo shows without building the book.
+
+def glued_keys(nb: dict) -> list[str]:
+    """The names a notebook's committed outputs glue (MyST-NB's scrapbook records)."""
+    return [o["metadata"]["scrapbook"]["name"] for c in nb["cells"] if c["cell_type"] == "code"
+            for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})]
+
+
+def glue_refs(text: str) -> list[str]:
+    """The keys (``doc::key`` for another notebook's) that glue roles in ``text`` refer to."""
+    return [role.rsplit(":", 1)[0] if role.count(":") % 2 else role  # drop a format spec
+            for role in re.findall(r"\{glue(?::\w*)?\}`([^`]*)`", text)]
+
+
+def test_glue_refs_strip_the_format_spec():
+    assert glue_refs("{glue:text}`a:.1f` and {glue}`b` and {glue:text}`ch03::c:,d`") == [
+        "a", "b", "ch03::c"]
+
+
+@pytest.mark.parametrize("path", BOOK_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_glue_role_finds_its_value(path):
+    local = glued_keys(json.loads(path.read_text())) if path.suffix == ".ipynb" else []
+    assert not {k for k in local if local.count(k) > 1}, "a key glued twice (the build warns)"
+    missing = []
+    for _, _, text in _markdown_parts(path):
+        for ref in glue_refs(text):
+            doc, _, key = ref.rpartition("::")
+            if doc:
+                other = (path.parent / doc).with_suffix(".ipynb")
+                known = glued_keys(json.loads(other.read_text())) if other.exists() else []
+            else:
+                known = local
+            if key not in known:
+                missing.append(ref)
+    assert not missing, f"glue roles with no glued value in the committed outputs: {missing}"
