@@ -15,6 +15,8 @@ import http.server
 import os
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,8 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = Path(os.environ.get("KVLIB_BOOK_HTML", ROOT / "_build" / "html"))
-CHAPTERS = ["01_no_cache", "02_kv_cache", "03_memory", "04_prealloc", "05_sliding_window",
-            "06_measurements", "07_modern_caches"]
+CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))  # every chapter
 PAGES = [p for p in os.environ.get("KVLIB_BOOK_PAGES", "").split(",") if p] or [
     f"notebooks/{c}.html" for c in CHAPTERS]
 SCREENS = ROOT / ".artifacts" / "screens"
@@ -77,8 +78,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def browser(server):
+@contextmanager
+def launched_chromium() -> Iterator:
+    """Headless Chromium through playwright, or a skip (a failure under CI) naming what is
+    missing; closed on exit. tests/test_live.py launches it the same way."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -88,8 +91,16 @@ def browser(server):
         unavailable("no Chromium found: apt-get install chromium, or set CHROMIUM=/path")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=exe, args=FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    with launched_chromium() as b:
         yield b
-        b.close()
 
 
 def widget_state(page) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from test_browser import FLAGS, SCREENS, chromium_path, unavailable
+from test_browser import SCREENS, launched_chromium, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 # Chapter 2 shows both widgets; KVLIB_LIVE_NOTEBOOK=NN_name runs a whole chapter instead.
@@ -167,17 +167,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chromium():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("Python's playwright is not installed: pip install playwright")
-    exe = chromium_path()
-    if exe is None:
-        unavailable("no Chromium found: apt-get install chromium, or set CHROMIUM=/path")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=FLAGS)
+    with launched_chromium() as b:
         yield b
-        b.close()
 
 
 # Every code cell's prompt reads [n]: once Run All is through; a traceback ends the wait early.

@@ -85,7 +85,8 @@ def _table(runs: list[dict]) -> str:
     total = sum(r["weights_bytes"] for r in runs)
     env = runs[0]["environment"]
     return ("\n".join(rows) + f"\n\nAll weights together: {_mb(total)}. Trained on "
-            f"{env['cpu_model']} with {env['threads']} threads, torch {env['torch']}, bfloat16 "
+            f"{env['cpu_model']} with {env['threads']} thread{'s' * (env['threads'] != 1)}, "
+            f"torch {env['torch']}, bfloat16 "
             "autocast (float32 weights, stored as bfloat16). Perplexity is per token of the "
             "trimmed vocabulary, measured in float32 on the weights as shipped.\n")
 
