@@ -13,10 +13,20 @@ from .cache import (
 from .check import CacheCheckError, check_cache
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
-from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
+from .generate import (
+    GenerationResult,
+    Step,
+    decode_one,
+    generate,
+    generate_stream,
+    pad_prompts,
+    prefill,
+    sample,
+)
 from .loading import load_model
 from .machine import environment
 from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, LlamaModel
+from .serving import BlockPool, Engine, PagedCache
 from .timing import Stopwatch, device_sync
 from .tokenizer import (
     EOT_ID,
@@ -32,11 +42,13 @@ from .vocab import TrimmedTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCheckError", "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache",
+    "BlockPool", "CacheCheckError", "EOT_ID", "Engine", "PagedCache", "PRESETS", "REPO_URL",
+    "STRATEGIES", "CausalLM", "ConcatCache",
     "GPT2Tokenizer", "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig",
     "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",
     "Stopwatch", "Tokenizer", "TrimmedTokenizer", "attention_mask", "check_cache", "decode",
-    "decode_one", "device_sync", "encode", "environment", "generate", "generate_stream",
+    "decode_one", "device_sync", "pad_prompts", "encode", "environment", "generate",
+    "generate_stream",
     "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
     "sample", "show_source", "tokenizer_for",
 ]

@@ -31,6 +31,8 @@ class KVCache(nn.Module):
     window: int | None = None  # attention span in tokens; None = everything before
     is_sliding: bool = False  # slots are reused: a slot's position is not its index
     prefill_limit: int | None = None  # most tokens one call may bring (None: any number)
+    recompute_span: int | None = None  # "recompute": the last tokens a step recomputes
+    pad: Tensor | None = None  # (B,) left padding of each row of a batch; see set_padding
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,6 +72,28 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         """Bytes of key/value storage this cache holds right now."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def positions(self, T: int) -> Tensor | None:
+        """Positions ``(B, T)`` of the next ``T`` tokens of each row when the rows of a batch
+        differ (left padding: a row's first real token is at position 0); None when every row
+        continues at ``seen``, the model's own counter."""
+        if self.pad is None:
+            return None
+        pos = torch.arange(self.seen, self.seen + T, device=self.pad.device)
+        return (pos[None, :] - self.pad[:, None]).clamp_min(0)  # (B, T); padding sits at 0
+
+    def batch_mask(self, q_len: int, kv_len: int) -> Tensor | None:
+        """Boolean ``(B, 1, q_len, kv_len)`` mask when rows differ (None: they do not): a query
+        sees the keys up to its own slot, never a row's padding. A padding query sees itself
+        only, so that its (unused) output stays finite: a row with nothing to attend to would
+        give NaN, and NaN times a zero weight is still NaN in the next layer."""
+        if self.pad is None:
+            return None
+        q_slot = torch.arange(kv_len - q_len, kv_len, device=self.pad.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(kv_len, device=self.pad.device)[None, :]  # (1, S)
+        real = k_slot[None] >= self.pad[:, None, None]  # (B, 1, S): not padding
+        mask = (k_slot <= q_slot)[None] & real | (k_slot == q_slot)[None]  # (B, T, S)
+        return mask[:, None]  # (B, 1, T, S): the same for every head
 
     def _allocate(self, like: Tensor, slots: int) -> None:
         """Fixed buffers of ``slots`` tokens, made on the first write after a reset and kept for
@@ -119,11 +143,6 @@ class NoCache(KVCache):
     @property
     def capacity(self) -> int | None:
         return 0
-
-    @property
-    def recompute_span(self) -> int | None:
-        """How many of the last tokens a decode step recomputes (None: all the model allows)."""
-        return None
 
 
 class ConcatCache(KVCache):

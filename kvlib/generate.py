@@ -31,10 +31,28 @@ class Step:
 
 @dataclass
 class GenerationResult:
-    tokens: Tensor  # (B, T): the prompt followed by the new tokens
+    tokens: Tensor  # (B, T): the prompt (left-padded if prompts differ) and the new tokens
     prefill_time: float  # seconds for the prompt's forward pass (it also gives the first token)
     step_times: list[float] = field(default_factory=list)  # seconds per decode step after that
     cache: str = "none"
+    pad: Tensor | None = None  # (B,) padding before each row's prompt (prompts of many lengths)
+    prompt_len: int = 0  # columns of ``tokens`` that hold the (padded) prompts
+    eos_id: int | None = None
+
+    @property
+    def sequences(self) -> list[Tensor]:
+        """Each row as a 1-D tensor: its own prompt (no padding) and its new tokens, up to and
+        including its first ``eos_id``."""
+        rows = []
+        for b, row in enumerate(self.tokens):
+            start = 0 if self.pad is None else int(self.pad[b])
+            end = row.shape[0]
+            if self.eos_id is not None:
+                hits = (row[self.prompt_len :] == self.eos_id).nonzero()
+                if len(hits):
+                    end = self.prompt_len + int(hits[0]) + 1
+            rows.append(row[start:end])
+        return rows
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -56,6 +74,26 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def pad_prompts(prompts: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor | None]:
+    """Stack 1-D prompts of different lengths into ``(B, T)`` ids, each padded on the left with
+    ``pad_id`` to the longest, and say how much padding each row got (``(B,)``, None if all the
+    prompts have the same length). Left, so that every row's next token is in the last column."""
+    if not prompts:
+        raise ValueError("the list of prompts is empty: pass at least one 1-D tensor of ids")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Tensor) or p.dim() != 1 or p.numel() == 0:
+            shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(f"prompt {i} must be a 1-D tensor of token ids with at least one "
+                             f"token, got {shape}; e.g. torch.tensor(tok.encode(text))")
+    lengths = torch.tensor([p.numel() for p in prompts], device=prompts[0].device)
+    T = int(lengths.max())
+    idx = prompts[0].new_full((len(prompts), T), pad_id)
+    for b, p in enumerate(prompts):
+        idx[b, T - p.numel() :] = p
+    pad = T - lengths  # (B,)
+    return idx, (pad if bool(pad.any()) else None)
+
+
 def prefill(model: CausalLM, idx: Tensor) -> Tensor:
     """Run the prompt ``(B, T)`` once, filling the caches; return the next-token logits.
 
@@ -64,7 +102,7 @@ def prefill(model: CausalLM, idx: Tensor) -> Tensor:
     chunk of that many, then one token at a time."""
     model.reset_kv_cache()
     cache = model.caches[0]
-    span = getattr(cache, "recompute_span", None)
+    span = cache.recompute_span
     if span is not None:
         idx = idx[:, -span:]
     first = cache.prefill_limit
@@ -93,12 +131,25 @@ def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     return model(seq[:, -1:], use_cache=True, last_only=True, check_ids=False)[:, -1, :]
 
 
+PADDED_CACHES = ("none", "concat", "prealloc")  # the strategies a left-padded batch can use
+
+
 def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None,
-              temperature: float, top_k: int | None) -> str:
+              temperature: float, top_k: int | None, pad: Tensor | None = None) -> str:
     name = "none" if cache is None else cache
     if name not in STRATEGIES:
         raise ValueError(f"unknown cache {cache!r}; choose None or one of {list(STRATEGIES)[1:]}")
     check_token_ids(idx, model.cfg.vocab_size)
+    if pad is not None and name not in PADDED_CACHES:
+        raise ValueError(
+            f"prompts of different lengths work with cache None, 'concat' or 'prealloc', not "
+            f"{name!r}: its slots hold one position per slot for the whole batch. Generate the "
+            "prompts one at a time, or serve them with kvlib.Engine (a paged cache)")
+    if pad is not None and model.hard_context and name == "none" \
+            and idx.shape[1] + max_new_tokens > model.cfg.context_length:
+        raise ValueError(
+            f"the padded batch needs {idx.shape[1] + max_new_tokens} positions but GPT-2 has "
+            f"{model.cfg.context_length}: ask for fewer new tokens or generate one at a time")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if model.hard_context:
@@ -128,14 +179,18 @@ def _check_hard_context(T: int, max_new_tokens: int, ctx: int, cache: str) -> No
 
 
 @torch.inference_mode()  # like no_grad, minus autograd's per-tensor bookkeeping
-def generate_stream(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None = None,
-                    window: int | None = None, temperature: float = 0.0,
-                    top_k: int | None = None, seed: int | None = None,
+def generate_stream(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
+                    cache: str | None = None, window: int | None = None,
+                    temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
                     eos_id: int | None = None, **cache_options) -> Iterator[Step]:
     """Yield a ``Step`` for every new token; arguments as for ``generate``."""
-    name = _validate(model, idx, max_new_tokens, cache, temperature, top_k)
+    pad = None
+    if isinstance(idx, (list, tuple)):
+        idx, pad = pad_prompts(list(idx))
+    name = _validate(model, idx, max_new_tokens, cache, temperature, top_k, pad)
     model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window,
                        **cache_options)
+    model.set_padding(pad)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -157,11 +212,14 @@ def generate_stream(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: st
             break
 
 
-def generate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None = None,
+def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
+             cache: str | None = None,
              window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, eos_id: int | None = None,
              **cache_options) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``.
+    """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``, or after each of
+    a list of 1-D prompts of different lengths (padded on the left, see ``pad_prompts``; every
+    prompt gets the tokens it gets alone; the result's ``.sequences`` drop the padding).
 
     cache: None (recompute everything each step), "concat", "prealloc", "sliding" (needs
     ``window``; with None, ``window`` masks the recomputation to the same span), "sinks"
@@ -170,10 +228,13 @@ def generate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | Non
     otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
     Stops early once every sequence has produced ``eos_id``.
     """
+    prompts, pad = idx, None
+    if isinstance(idx, (list, tuple)):
+        idx, pad = pad_prompts(list(idx))
     tokens, times = [idx], []
-    for step in generate_stream(model, idx, max_new_tokens, cache, window, temperature, top_k,
-                                seed, eos_id, **cache_options):
+    for step in generate_stream(model, prompts, max_new_tokens, cache, window, temperature,
+                                top_k, seed, eos_id, **cache_options):
         tokens.append(step.tokens[:, None])
         times.append(step.seconds)
     return GenerationResult(torch.cat(tokens, dim=1), times[0] if times else 0.0, times[1:],
-                            "none" if cache is None else cache)
+                            "none" if cache is None else cache, pad, idx.shape[1], eos_id)

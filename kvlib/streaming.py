@@ -39,7 +39,7 @@ def rotate(x: Tensor, inv_freq: Tensor, delta: int) -> Tensor:
     """RoPE keys ``(B, H, T, D)`` moved ``delta`` positions on: rotations add up, so a key rotated
     at ``p`` and then by ``delta`` equals the key rotated at ``p + delta``. The angles are
     computed in float64, since ``delta`` grows without bound."""
-    angles = delta * inv_freq.to(x.device, torch.float64)  # (D/2,)
+    angles = delta * inv_freq.to(x.device, torch.float64)  # (D/2,) no copy if float64 there
     angles = torch.cat([angles, angles])  # (D,): rotate_half's layout, as in kvlib.models.llama
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
@@ -70,7 +70,7 @@ class SinkCache(KVCache):
             raise ValueError("SinkCache moves the sink keys with RoPE: pass the model's "
                              "inv_freq, or let model.set_kv_cache('sinks', ...) do it")
         self.recent, self.n_sink = window, n_sink
-        self.inv_freq = inv_freq  # (D/2,) the model's RoPE frequencies (a plain attribute)
+        self.inv_freq = inv_freq.double()  # (D/2,) the model's RoPE frequencies, in float64
         self.register_buffer("keys", None, persistent=False)  # (B, H, n_sink + window, D)
         self.register_buffer("values", None, persistent=False)
         self.register_buffer("sink_keys", None, persistent=False)  # (B, H, n_sink, D) unmoved

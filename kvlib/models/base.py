@@ -36,10 +36,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
     ``cache.update`` returns.
     """
     window = None
+    B, H, T, D = q.shape
     if cache is not None:
         k, v = cache.update(k, v)  # (B, H_kv, S, D), S >= T
         window = cache.window
-    B, H, T, D = q.shape
+        mask = cache.batch_mask(T, k.shape[2])  # rows of different lengths: (B, 1, T, S)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  enable_gqa=k.shape[1] != H)
     S, H_kv = k.shape[2], k.shape[1]
     if T == 1 and H_kv != H and (window is None or S <= window):
         # A GQA decode step: the group's queries become rows of one query block per kv head, so
@@ -132,6 +136,14 @@ class CausalLM(nn.Module):
                              f"most {ctx - n_sink}")
         return {"window": window, **options, "inv_freq": inv_freq}
 
+    def set_padding(self, pad: Tensor | None) -> None:
+        """Tell every cache how many padding tokens sit at the start of each row of the batch
+        (``(B,)``; None: none). Positions then start at each row's first real token and no query
+        attends to padding, so every row gets the tokens it would get alone. The padding stays
+        with the caches (``reset_kv_cache`` keeps it) until ``set_kv_cache`` makes new ones."""
+        for cache in self.caches:
+            cache.pad = pad
+
     def reset_kv_cache(self) -> None:
         """Forget every cached token in every layer and restart the position counter."""
         for cache in self.caches:
@@ -171,6 +183,20 @@ class CausalLM(nn.Module):
     def kv_cache_nbytes(self) -> int:
         return sum(cache.nbytes for cache in self.caches)
 
+    def positions(self, T: int, use_cache: bool) -> tuple[int, Tensor | None]:
+        """Where the next ``T`` tokens go: the first position (the counter ``self.pos``, or 0
+        without a cache) and, when the rows of a batch sit at different positions (padding, a
+        paged batch), each row's positions ``(B, T)``. Checks them against the context."""
+        if not use_cache:
+            self.check_positions(0, T, use_cache)
+            return 0, None
+        rows = self.caches[0].positions(T)  # (B, T) or None
+        if rows is None:
+            self.check_positions(self.pos, T, use_cache)
+            return self.pos, None
+        self.check_positions(int(rows.max()) + 1 - T, T, use_cache)
+        return self.pos, rows
+
     def check_positions(self, start: int, T: int, use_cache: bool) -> None:
         """An error past a hard context (GPT-2), a warning, once, past a soft one (RoPE)."""
         ctx = self.cfg.context_length
@@ -189,7 +215,7 @@ class CausalLM(nn.Module):
                 f"position {start + T - 1} is past the {ctx} tokens this model was trained on: "
                 "RoPE keeps rotating, so nothing breaks, but quality usually drops there "
                 "(a sliding window or attention sinks keep the positions the model knows)",
-                stacklevel=3,
+                stacklevel=4,
             )
 
 

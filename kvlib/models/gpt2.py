@@ -146,9 +146,11 @@ class GPTModel(CausalLM):
         if check_ids:
             check_token_ids(idx, self.cfg.vocab_size)
         B, T = idx.shape
-        start = self.pos if use_cache else 0
-        self.check_positions(start, T, use_cache)
-        pos_emb = self.wpe.weight[start : start + T]  # (T, C): the positions are consecutive
+        start, rows = self.positions(T, use_cache)  # rows: (B, T) when rows differ, else None
+        if rows is None:
+            pos_emb = self.wpe.weight[start : start + T]  # (T, C): the positions are consecutive
+        else:
+            pos_emb = self.wpe(rows)  # (B, T, C): each row at its own positions
         x = self.wte(idx) + pos_emb  # (B, T, C)
         if self.training:
             x = F.dropout(x, self.cfg.dropout)

@@ -197,6 +197,14 @@ class RotaryEmbedding(nn.Module):
         return self.cos[start:end], self.sin[start:end]
 
 
+    def at(self, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``(B, 1, T, D)`` of per-row positions ``(B, T)`` (rows of a batch that
+        sit at different positions), in ``like``'s dtype."""
+        top = int(positions.max()) + 1
+        self.forward(0, top, like)  # builds (or grows) the table as a slice would
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension (transformers' layout:
     dimension i is paired with i + D/2)."""
@@ -326,10 +334,12 @@ class LlamaModel(CausalLM):
         if check_ids:
             check_token_ids(idx, self.cfg.vocab_size)
         B, T = idx.shape
-        start = self.pos if use_cache else 0
-        self.check_positions(start, T, use_cache)  # past context_length: one warning
+        start, rows = self.positions(T, use_cache)  # past context_length: one warning
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rope(start, T, like=x)  # (T, D) each
+        if rows is None:
+            cos, sin = self.rope(start, T, like=x)  # (T, D) each
+        else:
+            cos, sin = self.rope.at(rows, like=x)  # (B, 1, T, D): each row at its positions
         for layer in self.layers:
             x = layer(x, cos, sin, use_cache)
         if use_cache:
