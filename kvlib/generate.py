@@ -81,10 +81,14 @@ def pad_prompts(prompts: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor 
     if not prompts:
         raise ValueError("the list of prompts is empty: pass at least one 1-D tensor of ids")
     for i, p in enumerate(prompts):
-        if not isinstance(p, Tensor) or p.dim() != 1 or p.numel() == 0:
-            shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+        if not isinstance(p, Tensor):
+            raise TypeError(f"token ids must be a torch tensor (or a list of 1-D tensors, one "
+                            f"per prompt), got a list of {type(p).__name__}; use "
+                            "torch.tensor([ids]) for one prompt")
+        if p.dim() != 1 or p.numel() == 0:
             raise ValueError(f"prompt {i} must be a 1-D tensor of token ids with at least one "
-                             f"token, got {shape}; e.g. torch.tensor(tok.encode(text))")
+                             f"token, got shape {tuple(p.shape)}; e.g. "
+                             "torch.tensor(tok.encode(text))")
     lengths = torch.tensor([p.numel() for p in prompts], device=prompts[0].device)
     T = int(lengths.max())
     idx = prompts[0].new_full((len(prompts), T), pad_id)
