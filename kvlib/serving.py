@@ -230,6 +230,7 @@ class StepRecord:
     finished: list[int]  # requests that ended in this step
     waiting: list[int]  # requests that had arrived but had to wait
     filled: dict[int, int]  # request id -> tokens it holds
+    stats: dict[str, int]  # ``Engine.stats`` after the step
 
 
 class Engine:
@@ -450,7 +451,7 @@ class Engine:
         record = StepRecord(
             self.clock, {r.id: list(r.blocks) for r in running if r.state == "running"},
             list(self.pool.refs), joined, finished, waiting,
-            {r.id: r.length for r in running if r.state == "running"})
+            {r.id: r.length for r in running if r.state == "running"}, self.stats)
         self.history.append(record)
         self.clock += 1
         return record

@@ -18,6 +18,7 @@ from .overhead import compile_check
 from .plan import PLANS, Suite
 from .report import compile_text, lockstep_text, report, summary_table
 from .run import Bench
+from .serving import serving, serving_lines
 from .streaming import streaming, streaming_lines
 
 DESCRIPTION = ("Benchmarks: every cache strategy, measured against the weight-streaming floor and "
@@ -90,6 +91,24 @@ def add_other_parsers(sub) -> None:
     st.add_argument("--out", default="streaming.json")
     st.add_argument("--no-progress", action="store_true")
     rep.add_argument("--streaming", help="a JSON written by the streaming command, to include")
+    rep.add_argument("--serving", help="a JSON written by the serving command, to include")
+    sv = sub.add_parser("serving", help="many requests: one at a time, static padded batches "
+                        "(kvlib and transformers) and the continuous-batching engine")
+    sv.add_argument("--models", type=_csv(), default=["mini-llama", "gpt2"],
+                    help="random-weight shapes: gpt2 or a Llama preset")
+    sv.add_argument("--requests", type=int, default=32)
+    sv.add_argument("--system", type=int, default=200, help="shared system prompt, tokens")
+    sv.add_argument("--prompt", type=_csv(int), default=[8, 64], help="own prompt: lo,hi")
+    sv.add_argument("--output", type=_csv(int), default=[8, 64], help="output tokens: lo,hi")
+    sv.add_argument("--batch", type=int, default=8)
+    sv.add_argument("--block-size", type=int, default=16)
+    sv.add_argument("--repeats", type=int, default=3)
+    sv.add_argument("--warmup", type=int, default=1)
+    sv.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    sv.add_argument("--step-length", type=int, default=256)
+    sv.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    sv.add_argument("--out", default="serving.json")
+    sv.add_argument("--no-progress", action="store_true")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
@@ -127,6 +146,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.streaming:
         print("\n---\n")
         print("\n".join(streaming_lines(_read(args.streaming))))
+    if args.serving:
+        print("\n---\n")
+        print("\n".join(serving_lines(_read(args.serving)["runs"])))
     for path in args.also:  # each with its own machine, commands and targets
         print("\n---\n")
         print(report({**_read(path), "report_command": command}))
@@ -152,6 +174,18 @@ def cmd_streaming(args: argparse.Namespace, argv: list[str]) -> None:
     d["command"] = _command(argv)
     _write(args.out, d)
     print("\n".join(streaming_lines(d)))
+
+
+def cmd_serving(args: argparse.Namespace, argv: list[str]) -> None:
+    runs = []
+    for name in args.models:
+        d = serving(name, args.requests, args.system, tuple(args.prompt), tuple(args.output),
+                    args.batch, args.block_size, args.repeats, args.warmup, not args.no_hf,
+                    args.step_length, progress=not args.no_progress)
+        d["command"] = _command(argv)
+        runs.append(d)
+    _write(args.out, {"kind": "serving", "runs": runs})
+    print("\n".join(serving_lines(runs)))
 
 
 def cmd_plot(args: argparse.Namespace, argv: list[str]) -> None:
@@ -183,7 +217,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
-            "compile": cmd_compile, "streaming": cmd_streaming}
+            "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,10 @@ TARGETS: dict[str, Target] = {
     # attention sinks (python -m kvlib.bench streaming): flat, and against recomputing the window
     "sinks_flat": Target(2048, "<=", 1.1),  # step at the longest length / at 1/8 of it
     "sinks_vs_recompute": Target(2048, ">=", 10.0),  # recompute's time per token / sinks'
+    # many requests (python -m kvlib.bench serving), judged on the whole workload
+    "engine_vs_hf_padded": Target(0, ">=", 2.0),  # engine tokens/s / transformers' padded batch
+    "paged_waste": Target(0, "<=", 5.0),  # % of the paged pool's reserved bytes not used
+    "paged_step": Target(0, "<=", 1.15),  # paged decode step / contiguous prealloc, same batch
 }
 QWEN3 = {**BASE, "model": "qwen3-0.6b"}  # the modern targets' cells
 

@@ -22,6 +22,7 @@ hand the reader's model back as they found it (``kvlib.state.preserved_state``).
 | ``rope.py`` | ``rope_rotation``, ``plot_rope_rotation``: one key rotated by RoPE, pair by pair |
 | ``training.py`` | ``plot_training``: the trained models' loss curves, from their metrics |
 | ``streaming.py`` | ``plot_stream_loss``, ``plot_stream_state``, ``plot_first_token_attention`` |
+| ``serving.py`` | ``plot_padded_batch``, ``plot_engine_step``, ``plot_serving_memory`` |
 | ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
 | ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
 """
@@ -34,6 +35,14 @@ from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
 from .latency import LatencyRun, measure_latency, plot_latency
 from .memory import plot_cache_sizes, plot_memory
 from .rope import RopeRotation, plot_rope_rotation, rope_rotation
+from .serving import (
+    engine_step_pngs,
+    padded_batch_slots,
+    plot_engine_step,
+    plot_padded_batch,
+    plot_serving_memory,
+    serving_memory,
+)
 from .streaming import (
     plot_first_token_attention,
     plot_stream_loss,
@@ -49,4 +58,6 @@ __all__ = [
     "plot_first_token_attention", "plot_memory", "plot_rope_rotation", "plot_stream_loss",
     "plot_stream_state", "plot_training", "stream_state_pngs", "prompt_ids", "rope_rotation",
     "spec_label", "split_spec", "strategy_color", "strategy_label", "token_text",
+    "engine_step_pngs", "padded_batch_slots", "plot_engine_step", "plot_padded_batch",
+    "plot_serving_memory", "serving_memory",
 ]

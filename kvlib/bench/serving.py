@@ -1,0 +1,297 @@
+"""``python -m kvlib.bench serving``: many requests at once, four ways.
+
+One fixed workload of ``n`` requests (random token ids, random weights; greedy): each request's
+own prompt and its output length are drawn uniformly from ``prompt`` and ``output``, and every
+second request starts with the same ``system``-token system prompt. All arrive at step 0.
+
+- **one at a time**: ``kvlib.generate`` per request, a prealloc cache;
+- **static batches**: ``batch`` requests at a time in arrival order, padded on the left, each
+  batch running until its longest output (kvlib's ``generate`` with a prealloc cache, and
+  transformers' ``generate`` with an attention mask on the same weights);
+- **engine**: ``kvlib.Engine`` (continuous batching over a paged cache), with prefix caching and
+  without, its pool as large as what the static batches reserve up front.
+
+Tokens per second count only the tokens the requests asked for. KV memory is averaged over the
+engine's steps (every step weighs the same): what the running requests would reserve if each had
+a contiguous cache for the workload's longest request, what the static batches' padded caches
+hold, and what the paged pool holds. A last section times a decode step of ``batch`` sequences
+of equal length through the paged cache and through a contiguous prealloc cache. Every time is
+the median of ``repeats`` passes after ``warmup``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generate import decode_one, generate, pad_prompts, prefill
+from ..machine import environment_info
+from ..models import GPTConfig, GPTModel, LlamaConfig, LlamaModel
+from ..serving import Engine
+from .targets import target_row
+
+
+def build_model(name: str):
+    """Random weights (seeded) of a named shape: "gpt2" (124M) or a Llama preset."""
+    torch.manual_seed(0)
+    if name in ("gpt2", "tiny"):
+        return GPTModel(GPTConfig.from_preset(name)).eval()
+    return LlamaModel(LlamaConfig.from_preset(name)).eval()
+
+
+def workload(vocab: int, n: int = 32, system: int = 200, prompt: tuple[int, int] = (8, 64),
+             output: tuple[int, int] = (8, 64), seed: int = 0
+             ) -> list[tuple[torch.Tensor, int]]:
+    """``n`` (prompt, max_new_tokens): own prompts and outputs uniform in the given ranges
+    (inclusive), a shared system prompt before every second one."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, vocab, (system,), generator=g)
+    out = []
+    for i in range(n):
+        own = torch.randint(0, vocab, (int(torch.randint(prompt[0], prompt[1] + 1, (1,),
+                                                         generator=g)),), generator=g)
+        new = int(torch.randint(output[0], output[1] + 1, (1,), generator=g))
+        out.append((torch.cat([shared, own]) if i % 2 else own, new))
+    return out
+
+
+def _one_at_a_time(model, work) -> tuple[float, list[torch.Tensor]]:
+    start, outs = time.perf_counter(), []
+    for p, n in work:
+        outs.append(generate(model, p[None], n, cache="prealloc").tokens[0])
+    return time.perf_counter() - start, outs
+
+
+def _batches(work, size: int):
+    return [work[i : i + size] for i in range(0, len(work), size)]
+
+
+def _static(model, work, size: int) -> tuple[float, list[torch.Tensor], list[tuple[int, int]]]:
+    """kvlib's padded batches; also (reserved, used) token slots at every decode step."""
+    start, outs, slots = time.perf_counter(), [], []
+    for batch in _batches(work, size):
+        n = max(m for _, m in batch)
+        res = generate(model, [p for p, _ in batch], n, cache="prealloc")
+        outs += [s[: p.shape[0] + m] for s, (p, m) in zip(res.sequences, batch, strict=True)]
+        T = res.prompt_len
+        for i in range(n):  # the padded cache holds B x (T + i); the real tokens fewer
+            used = sum(p.shape[0] + min(i, m) for p, m in batch if i < m)
+            slots.append((len(batch) * (T + i), used))
+    return time.perf_counter() - start, outs, slots
+
+
+def _hf_static(hf, work, size: int) -> tuple[float, list[torch.Tensor]]:
+    start, outs = time.perf_counter(), []
+    for batch in _batches(work, size):
+        n = max(m for _, m in batch)
+        idx, pad = pad_prompts([p for p, _ in batch])
+        mask = torch.ones_like(idx)
+        if pad is not None:
+            for b, k in enumerate(pad.tolist()):
+                mask[b, :k] = 0
+        with torch.inference_mode():  # no eos: every row runs n steps, as kvlib's do
+            out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+        for b, (_, m) in enumerate(batch):
+            k = 0 if pad is None else int(pad[b])
+            outs.append(out[b, k : idx.shape[1] + m])
+    return time.perf_counter() - start, outs
+
+
+def _engine(model, work, block_size: int, num_blocks: int, prefix: bool):
+    engine = Engine(model, block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix)
+    ids = [engine.add_request(p, n) for p, n in work]
+    start = time.perf_counter()
+    out = engine.run()
+    return time.perf_counter() - start, [out[i] for i in ids], engine
+
+
+def _waste(reserved: int, used: int) -> float:
+    return 100.0 * (1 - used / reserved) if reserved else 0.0
+
+
+def _memory(engine: Engine, work, static_slots, per_token: int) -> dict:
+    """Average reserved and used bytes over the steps of each way of holding the cache."""
+    longest = max(p.shape[0] + n for p, n in work)
+    pre_res, pre_used, paged_res, paged_used = [], [], [], []
+    for rec in engine.history:
+        if not rec.filled:
+            continue
+        used = sum(rec.filled.values())  # every request's own tokens (shared ones counted each)
+        pre_res.append(len(rec.filled) * longest)
+        pre_used.append(used)
+        paged_res.append(rec.stats["bytes_reserved"] // per_token)
+        paged_used.append(rec.stats["bytes_used"] // per_token)
+    st_res = [r for r, _ in static_slots]
+    st_used = [u for _, u in static_slots]
+    mean = statistics.fmean
+    rows = {
+        "prealloc to the longest request": (mean(pre_res), mean(pre_used)),
+        "static batch (padded, prealloc)": (mean(st_res), mean(st_used)),
+        "paged (engine)": (mean(paged_res), mean(paged_used)),
+    }
+    return {k: {"reserved_bytes": r * per_token, "used_bytes": u * per_token,
+                "waste_pct": _waste(r, u)} for k, (r, u) in rows.items()}
+
+
+def _step_ratio(model, batch: int, length: int, steps: int, block_size: int) -> dict:
+    """Median decode step of ``batch`` equal sequences: paged (engine) against prealloc."""
+    vocab = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    model.set_kv_cache("prealloc", max_len=length + steps + 1)
+    with torch.inference_mode():
+        seq = torch.cat([ids, prefill(model, ids).argmax(-1, keepdim=True)], dim=1)
+        contiguous = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            nxt = decode_one(model, seq).argmax(-1, keepdim=True)
+            contiguous.append(time.perf_counter() - t0)
+            seq = torch.cat([seq, nxt], dim=1)
+    model.reset_kv_cache()
+    per = -(-(length + steps + 1) // block_size)
+    engine = Engine(model, block_size=block_size, num_blocks=batch * per)
+    for b in range(batch):
+        engine.add_request(ids[b], steps + 1)
+    engine.step()  # every prefill
+    paged = []
+    for _ in range(steps):
+        before = engine.decode_seconds
+        engine.step()
+        paged.append(engine.decode_seconds - before)
+    same = all(torch.equal(engine.result(b), seq[b]) for b in range(batch))
+    return {"batch": batch, "length": length, "contiguous_ms": statistics.median(contiguous) * 1e3,
+            "paged_ms": statistics.median(paged) * 1e3, "same_tokens": same}
+
+
+def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
+            prompt: tuple[int, int] = (8, 64), output: tuple[int, int] = (8, 64),
+            batch: int = 8, block_size: int = 16, repeats: int = 3, warmup: int = 1,
+            compare_hf: bool = True, step_length: int = 256, step_count: int = 24,
+            progress: bool = True) -> dict:
+    """Measure; see the module docstring."""
+    model = build_model(model_name)
+    work = workload(model.cfg.vocab_size, n, system, prompt, output)
+    longest = max(p.shape[0] + m for p, m in work)
+    num_blocks = batch * -(-longest // block_size)  # what the static batches reserve
+    hf = None
+    if compare_hf:
+        from .runners import hf_twin
+
+        hf = hf_twin(model)
+        hf.generation_config.eos_token_id = None  # random weights: run every row to its end
+    ways = ["one at a time", "static batch (kvlib)", "static batch (transformers)",
+            "engine", "engine, no prefix caching"]
+    if hf is None:
+        ways.remove("static batch (transformers)")
+    times = {w: [] for w in ways}
+    prefill_s = {True: [], False: []}
+    same = {}
+    bar = tqdm(total=(warmup + repeats) * len(ways), desc=f"serving {model_name}",
+               disable=not progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a RoPE model past its trained context warns once
+        for i in range(warmup + repeats):
+            s, alone = _one_at_a_time(model, work)
+            results = {"one at a time": (s, alone)}
+            s, outs, static_slots = _static(model, work, batch)
+            results["static batch (kvlib)"] = (s, outs)
+            if hf is not None:
+                results["static batch (transformers)"] = _hf_static(hf, work, batch)
+            for prefix in (True, False):
+                s, outs, engine = _engine(model, work, block_size, num_blocks, prefix)
+                key = "engine" if prefix else "engine, no prefix caching"
+                results[key] = (s, outs)
+                if i >= warmup:
+                    prefill_s[prefix].append(engine.prefill_seconds)
+                if prefix:
+                    shared_engine = engine
+            for w, (s, outs) in results.items():
+                if i >= warmup:
+                    times[w].append(s)
+                same[w] = all(torch.equal(a, b) for a, b in zip(outs, alone, strict=True))
+                bar.update()
+        bar.close()
+        step = _step_ratio(model, batch, min(step_length, model.cfg.context_length - step_count
+                                             - 1), step_count, block_size)
+    model.reset_kv_cache()
+    wanted = sum(m for _, m in work)
+    tps = {w: wanted / statistics.median(t) for w, t in times.items()}
+    per_token = shared_engine.pool.block_nbytes // block_size
+    memory = _memory(shared_engine, work, static_slots, per_token)
+    hits = shared_engine.stats["prefix_hit_tokens"]
+    prefix = {"prefill_s_with": statistics.median(prefill_s[True]),
+              "prefill_s_without": statistics.median(prefill_s[False]),
+              "hit_tokens": hits, "bytes_saved": hits * per_token}
+    d = {"kind": "serving", "model": model_name, "n": n, "system": system, "prompt": prompt,
+         "output": output, "batch": batch, "block_size": block_size, "num_blocks": num_blocks,
+         "wanted_tokens": wanted, "repeats": repeats, "warmup": warmup,
+         "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype)[6:],
+         "device": "cpu", "environment": environment_info(), "tokens_per_s": tps,
+         "same_tokens": same, "memory": memory, "prefix": prefix, "step": step}
+    d["targets"] = serving_targets(d)
+    return d
+
+
+def serving_targets(d: dict) -> list[dict]:
+    tps = d["tokens_per_s"]
+    hf = tps.get("static batch (transformers)")
+    return [
+        target_row("engine_vs_hf_padded", "engine / transformers' padded batch generate, "
+                   "tokens/s", tps["engine"] / hf if hf else None),
+        target_row("paged_waste", "paged: KV memory reserved but unused, %",
+                   d["memory"]["paged (engine)"]["waste_pct"]),
+        target_row("paged_step", f"paged decode step / prealloc, batch {d['step']['batch']}",
+                   d["step"]["paged_ms"] / d["step"]["contiguous_ms"]),
+    ]
+
+
+def serving_lines(runs: list[dict]) -> list[str]:
+    """The Markdown section of one or more serving runs (one per model)."""
+    lines = ["## Serving many requests (batching, paged cache, continuous batching)", ""]
+    for d in runs:
+        env = d["environment"]
+        lines += [
+            f"### `{d['model']}` (random weights)", "",
+            f"{d['n']} requests, all at step 0: own prompt uniform in {d['prompt'][0]}.."
+            f"{d['prompt'][1]} tokens, output uniform in {d['output'][0]}..{d['output'][1]}, a "
+            f"shared {d['system']}-token system prompt on every second one "
+            f"({d['wanted_tokens']} tokens asked for). Static batches of {d['batch']}; the "
+            f"engine's pool: {d['num_blocks']} blocks of {d['block_size']} tokens (what the static "
+            f"batches "
+            f"reserve). {d['dtype']} on {d['device']}, {d['threads']} threads, "
+            f"{env.get('cpu_model', '?')}, torch {env.get('torch', '?')}, load average "
+            f"{env.get('load_avg', [float('nan')])[0]:.2f} at the start; median of "
+            f"{d['repeats']} passes after {d['warmup']} warm-up. "
+            f"Command: `{d.get('command', 'python -m kvlib.bench serving')}`", "",
+            "| way | tokens/s | x one at a time | same tokens as alone |", "|---|---:|---:|---|"]
+        one = d["tokens_per_s"]["one at a time"]
+        for w, v in d["tokens_per_s"].items():
+            lines.append(f"| {w} | {v:.1f} | {v / one:.2f}x | "
+                         f"{'yes' if d['same_tokens'][w] else 'no'} |")
+        lines += ["", "| KV memory (mean over the engine's steps) | reserved KiB | used KiB | "
+                  "waste |", "|---|---:|---:|---:|"]
+        for k, m in d["memory"].items():
+            lines.append(f"| {k} | {m['reserved_bytes'] / 1024:,.0f} | "
+                         f"{m['used_bytes'] / 1024:,.0f} | {m['waste_pct']:.1f}% |")
+        p, s = d["prefix"], d["step"]
+        lines += ["", f"Prefix caching: {p['hit_tokens']} prompt tokens found in the pool, "
+                  f"{p['bytes_saved'] / 1024:,.0f} KiB not computed or stored again; the "
+                  f"engine's prefill time {p['prefill_s_with']:.2f} s with it, "
+                  f"{p['prefill_s_without']:.2f} s without.", "",
+                  f"Decode step, {s['batch']} sequences of {s['length']} tokens: paged "
+                  f"{s['paged_ms']:.2f} ms (blocks, table and gather included), prealloc "
+                  f"{s['contiguous_ms']:.2f} ms; same tokens: "
+                  f"{'yes' if s['same_tokens'] else 'no'}.",
+                  "", "| target | value | limit | met |", "|---|---:|---:|---|"]
+        for t in d["targets"]:
+            met = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+            unit = "%" if "%" in t["target"] else "x"
+            value = "-" if t["value"] is None else f"{t['value']:.2f}{unit}"
+            lines.append(f"| {t['target']} | {value} | {t['op']} {t['limit']} | {met} |")
+        lines.append("")
+    return lines
