@@ -56,3 +56,24 @@ def test_streaming_bench_writes_json_and_its_report(tmp_path, capsys):
     assert d["strategies"]["recompute"]["bytes"] == [0, 0, 0, 0]
     assert [t["met"] in (True, False) for t in d["targets"]] == [True, True]
     assert "sinks + window 60" in capsys.readouterr().out
+
+
+def test_serving_bench_writes_json_and_its_report(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "serving.json"
+    main(["serving", "--models", "tiny-llama,tiny", "--requests", "5", "--system", "12",
+          "--prompt", "3,9", "--output", "3,9", "--batch", "2", "--block-size", "4",
+          "--repeats", "1", "--warmup", "0", "--step-length", "24", "--threads", "1",
+          "--out", str(out), "--no-progress"])
+    runs = json.loads(out.read_text())["runs"]
+    assert [d["model"] for d in runs] == ["tiny-llama", "tiny"]
+    for d in runs:
+        assert all(d["same_tokens"].values()), d["same_tokens"]  # every way: the alone tokens
+        assert d["step"]["same_tokens"]
+        mem = d["memory"]
+        assert mem["paged (engine)"]["reserved_bytes"] <= mem["prealloc to the longest request"][
+            "reserved_bytes"]
+        assert d["prefix"]["hit_tokens"] > 0  # the system prompt's full blocks were shared
+        assert [t["met"] in (True, False) for t in d["targets"]] == [True] * 3
+    text = capsys.readouterr().out
+    assert "## Serving many requests" in text and "| engine |" in text
