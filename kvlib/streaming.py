@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .cache import STRATEGIES, KVCache, NoCache
+from .rotary import apply_rope
 
 N_SINK = 4  # StreamingLLM's default: four initial tokens are enough for its models
 
@@ -40,10 +41,8 @@ def rotate(x: Tensor, inv_freq: Tensor, delta: int) -> Tensor:
     at ``p`` and then by ``delta`` equals the key rotated at ``p + delta``. The angles are
     computed in float64, since ``delta`` grows without bound."""
     angles = delta * inv_freq.to(x.device, torch.float64)  # (D/2,) no copy if float64 there
-    angles = torch.cat([angles, angles])  # (D,): rotate_half's layout, as in kvlib.models.llama
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    angles = torch.cat([angles, angles])  # (D,): rotate_half's layout
+    return apply_rope(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
 
 
 class SinkCache(KVCache):

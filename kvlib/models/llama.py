@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..rotary import apply_rope, rotate_half  # noqa: F401  (rotate_half: chapter 7 shows it here)
 from .base import CachedAttention, CausalLM, attend, check_token_ids
 
 
@@ -203,18 +204,6 @@ class RotaryEmbedding(nn.Module):
         top = int(positions.max()) + 1
         self.forward(0, top, like)  # builds (or grows) the table as a slice would
         return self.cos[positions][:, None], self.sin[positions][:, None]
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension (transformers' layout:
-    dimension i is paired with i + D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``(B, H, T, D)`` queries or keys by their positions' angles (cos, sin ``(T, D)``)."""
-    return x * cos + rotate_half(x) * sin
 
 
 class RMSNorm(nn.Module):
