@@ -51,6 +51,16 @@ def _image(png: bytes = b"") -> widgets.Image:
     return widgets.Image(value=png, format="png", layout=widgets.Layout(max_width="100%"))
 
 
+def _scrub_controls(n: int, interval_ms: int, description: str
+                    ) -> tuple[widgets.Play, widgets.IntSlider, list]:
+    """A Play button and a slider over ``n`` frames, linked in the browser (the scrubbers'
+    shared controls: each then links the slider to the frame it shows)."""
+    play = widgets.Play(value=0, min=0, max=n - 1, step=1, interval=interval_ms)
+    slider = widgets.IntSlider(value=0, min=0, max=n - 1, description=description,
+                               continuous_update=True)
+    return play, slider, [widgets.jslink((play, "value"), (slider, "value"))]
+
+
 class FrameScrubber(widgets.VBox):
     """A Play button and a slider over pictures rendered beforehand (PNG bytes): with ipywidgets
     8 the slider picks the frame in the browser, so it scrubs in the static book too.
@@ -62,9 +72,7 @@ class FrameScrubber(widgets.VBox):
         if n == 0:
             raise ValueError("FrameScrubber needs at least one frame")
         self.pngs, self.values = list(pngs), list(values or range(n))
-        self.play = widgets.Play(value=0, min=0, max=n - 1, step=1, interval=interval_ms)
-        self.slider = widgets.IntSlider(value=0, min=0, max=n - 1, description=description)
-        self.links = [widgets.jslink((self.play, "value"), (self.slider, "value"))]
+        self.play, self.slider, self.links = _scrub_controls(n, interval_ms, description)
         if HAS_STACK:
             self.view = widgets.Stack([_image(p) for p in self.pngs], selected_index=0)
             self.links.append(widgets.jslink((self.slider, "value"), (self.view, "selected_index")))
@@ -107,10 +115,7 @@ class CacheExplorer(widgets.VBox):
                                "pip install -U ipywidgets or pass client_side=False")
         self.strategy = widgets.Dropdown(options=self.labels, value=self.labels[0],
                                          description="cache")
-        self.play = widgets.Play(value=0, min=0, max=n - 1, step=1, interval=interval_ms)
-        self.slider = widgets.IntSlider(value=0, min=0, max=n - 1, description="step",
-                                        continuous_update=True)
-        self.links = [widgets.jslink((self.play, "value"), (self.slider, "value"))]
+        self.play, self.slider, self.links = _scrub_controls(n, interval_ms, "step")
         if self.client_side:
             self._link_frames_in_the_browser()
         else:
