@@ -61,9 +61,25 @@ class BlockPool:
         self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # oldest freed first
         self.by_prefix: dict[int, int] = {}  # prefix hash -> the block that holds it
         self.prefix_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (hash, tokens)
-        # The batch the next forward computes, set by the engine (read by every layer's cache).
-        self.tables: Tensor | None = None  # (B, blocks): each row's block table, padded with 0
-        self.lengths: Tensor | None = None  # (B,) tokens each row has in the pool already
+        # The batch the next forward computes, set once by ``set_batch`` and read by every layer.
+        self.tables: Tensor | None = None  # (B, n): each row's block table, padded with block 0
+        self.positions: Tensor | None = None  # (B, T): the new tokens' positions in their rows
+        self.write_at: Tensor | None = None  # (B * T,): each new token's slot in the whole pool
+        self.mask: Tensor | None = None  # (B, 1, T, n * block_size): what each query may see
+
+    def set_batch(self, tables: list[list[int]], starts: list[int], T: int) -> None:
+        """The next forward: row b, with block table ``tables[b]``, holds ``starts[b]`` tokens
+        and brings ``T`` new ones. Everything the layers need is computed here, once per forward,
+        not once per layer."""
+        n, bs = max(len(t) for t in tables), self.block_size
+        device = self.keys.device
+        self.tables = torch.tensor([t + [0] * (n - len(t)) for t in tables], device=device)
+        start = torch.tensor(starts, device=device)  # (B,)
+        self.positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
+        block = self.tables.gather(1, self.positions // bs)  # (B, T): its block, and in it
+        self.write_at = (block * bs + self.positions % bs).view(-1)  # the slot of the pool
+        slot = torch.arange(n * bs, device=device)  # the gathered keys' slots, in table order
+        self.mask = (slot[None, None, :] <= self.positions[:, :, None])[:, None]  # causal
 
     @property
     def block_nbytes(self) -> int:
@@ -167,28 +183,28 @@ class PagedCache(KVCache):
         return self.pool.nbytes // self.pool.keys.shape[0]  # this layer's share of the pool
 
     def positions(self, T: int) -> Tensor:
-        return self.pool.lengths[:, None] + torch.arange(T, device=self.pool.lengths.device)
+        return self.pool.positions  # (B, T), set by pool.set_batch
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         self._check(keys, values, None)
-        pool, T = self.pool, keys.shape[2]
-        bs, tables = pool.block_size, pool.tables  # (B, n)
-        pos = self.positions(T)  # (B, T)
-        blocks, slots = tables.gather(1, pos // bs), pos % bs  # (B, T) each
+        pool = self.pool
         K, V = pool.keys[self.layer], pool.values[self.layer]  # (N, bs, H, D)
-        K[blocks, slots] = keys.transpose(1, 2)  # (B, T, H, D) into their slots
-        V[blocks, slots] = values.transpose(1, 2)
-        B, n = tables.shape
-        k = K[tables].view(B, n * bs, *K.shape[2:]).transpose(1, 2)  # (B, H, n * bs, D)
-        v = V[tables].view(B, n * bs, *V.shape[2:]).transpose(1, 2)
+        B, H, T, D = keys.shape
+        slots = pool.write_at  # (B * T,) into the pool seen as one run of N * bs slots
+        K.view(-1, H, D).index_copy_(0, slots, keys.transpose(1, 2).reshape(B * T, H, D))
+        V.view(-1, H, D).index_copy_(0, slots, values.transpose(1, 2).reshape(B * T, H, D))
+        n = pool.tables.shape[1]
+        rows = pool.tables.view(-1)  # every row's blocks, in table order
+        S = n * pool.block_size
+        k = K.index_select(0, rows).view(B, S, *K.shape[2:]).transpose(1, 2)  # (B, H, S, D)
+        v = V.index_select(0, rows).view(B, S, *V.shape[2:]).transpose(1, 2)
         self.seen += T
         return k, v
 
     def batch_mask(self, q_len: int, kv_len: int) -> Tensor:
-        """Row b's query t sees slots ``0 .. lengths[b] + t``: its own tokens, nothing after."""
-        last = self.positions(q_len)  # (B, T): each query's own slot
-        k_slot = torch.arange(kv_len, device=last.device)
-        return (k_slot[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, S)
+        """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own
+        tokens, nothing after (the rest of its last block and the padding of its table)."""
+        return self.pool.mask  # (B, 1, T, S)
 
     def reset(self) -> None:
         super().reset()  # the blocks belong to the engine's requests, not to this view
@@ -406,11 +422,7 @@ class Engine:
 
     def _forward(self, rows: list[Request], ids: Tensor, starts: list[int]) -> Tensor:
         """Greedy next tokens ``(B,)`` for ``ids`` ``(B, T)``, row b continuing at ``starts[b]``."""
-        n = max(len(r.blocks) for r in rows)
-        tables = [r.blocks + [0] * (n - len(r.blocks)) for r in rows]
-        device = self.pool.keys.device
-        self.pool.tables = torch.tensor(tables, device=device)  # (B, n)
-        self.pool.lengths = torch.tensor(starts, device=device)  # (B,)
+        self.pool.set_batch([r.blocks for r in rows], starts, ids.shape[1])
         logits = self.model(ids, use_cache=True, last_only=True, check_ids=False)
         return logits[:, -1].argmax(dim=-1)  # (B,)
 

@@ -35,29 +35,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
     ``cache`` the new keys and values are stored first and attention runs over what
     ``cache.update`` returns.
     """
-    window = None
+    window, mask = None, None
     B, H, T, D = q.shape
     if cache is not None:
         k, v = cache.update(k, v)  # (B, H_kv, S, D), S >= T
         window = cache.window
-        mask = cache.batch_mask(T, k.shape[2])  # rows of different lengths: (B, 1, T, S)
-        if mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                  enable_gqa=k.shape[1] != H)
+        mask = cache.batch_mask(T, k.shape[2])  # rows at different lengths: (B, 1, T, S)
     S, H_kv = k.shape[2], k.shape[1]
     if T == 1 and H_kv != H and (window is None or S <= window):
         # A GQA decode step: the group's queries become rows of one query block per kv head, so
         # the shared keys are read as they lie, never repeated: (B, H_kv, G, D) against S keys.
         y = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v,
-                                           dropout_p=dropout)
+                                           attn_mask=mask, dropout_p=dropout)
         return y.view(B, H, 1, D)
     gqa = H_kv != H
-    if (T == 1 or T == S) and (window is None or S <= window):
+    if mask is None and (T == 1 or T == S) and (window is None or S <= window):
         # a decode step (one query sees every key) or a prefill (plain causal): no mask work
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1,
                                               enable_gqa=gqa)
-    # the queries are the last T of S positions, or a window hides the oldest keys
-    mask = attention_mask(T, S, window, q.device)
+    if mask is None:  # the queries are the last T of S positions, or a window hides the oldest
+        mask = attention_mask(T, S, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                           enable_gqa=gqa)
 
