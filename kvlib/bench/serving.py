@@ -308,9 +308,9 @@ def serving_lines(runs: list[dict]) -> list[str]:
                          f"{m['used_bytes'] / 1024:,.0f} | {m['waste_pct']:.1f}% |")
         sweep = d.get("waste_by_block_size", {})
         if sweep:
-            lines += ["", "Waste of the paged pool by block size (same bytes in the pool; it "
-                      "depends only on the lengths): " + ", ".join(
-                          f"{bs} tokens {w:.1f}%" for bs, w in sweep.items()) + "."]
+            lines += ["", "Waste of the paged pool by block size in tokens (same bytes in the "
+                      "pool; it depends only on the lengths): " + ", ".join(
+                          f"{bs}: {w:.1f}%" for bs, w in sweep.items()) + "."]
         p, s = d["prefix"], d["step"]
         lines += ["", f"Prefix caching: {p['hit_tokens']} prompt tokens found in the pool, "
                   f"{p['bytes_saved'] / 1024:,.0f} KiB not computed or stored again; the "
