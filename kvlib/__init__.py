@@ -11,6 +11,7 @@ from .cache import (
     attention_mask,
 )
 from .check import CacheCheckError, check_cache
+from .compress import BFloat16Cache, EvictCache, QuantizedCache
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import GenerationResult, Step, decode_one, generate, generate_stream, prefill, sample
@@ -32,7 +33,8 @@ from .vocab import TrimmedTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCheckError", "EOT_ID", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache",
+    "BFloat16Cache", "CacheCheckError", "EOT_ID", "EvictCache", "QuantizedCache",
+    "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM", "ConcatCache",
     "GPT2Tokenizer", "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig",
     "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",
     "Stopwatch", "Tokenizer", "TrimmedTokenizer", "attention_mask", "check_cache", "decode",

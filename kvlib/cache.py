@@ -15,7 +15,8 @@ move with ``model.to(...)`` but never enter ``state_dict()``.
 | "sliding"  | ``SlidingWindowCache`` | ``window`` tokens, up front | the last ``window``     |
 
 ``kvlib.streaming`` adds "sinks" (attention sinks + a window, StreamingLLM) and "recompute"
-(the window recomputed at every step, the baseline sinks are measured against).
+(the window recomputed at every step, the baseline sinks are measured against); ``kvlib.compress``
+adds "bf16", "quantized" (int8/int4 keys and values) and "evict" (H2O's heavy hitters).
 """
 
 from __future__ import annotations

@@ -114,7 +114,9 @@ class CausalLM(nn.Module):
 
         ``max_len`` sizes "prealloc" (default: the context length); ``window`` is required by
         "sliding", "sinks" and "recompute" and optional for "none" (a no-cache model masked to
-        the same window); ``options`` go to the cache class (``n_sink=`` for "sinks").
+        the same window); ``options`` go to the cache class (``n_sink=`` for "sinks"; ``bits=``,
+        ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for "evict",
+        whose ``window`` is its recent window, see ``kvlib.compress``).
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown cache {strategy!r}; choose one of {list(STRATEGIES)}")
