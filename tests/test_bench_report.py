@@ -63,7 +63,8 @@ def test_compile_verdict_follows_the_numbers():
 
 REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",
                "benchmarks/compile.json", "--lockstep", "benchmarks/lockstep.json", "--also",
-               "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json"]
+               "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json", "--compress",
+               "benchmarks/compress.json"]
 
 
 def test_the_stored_results_render_to_the_stored_report(capsys, monkeypatch):

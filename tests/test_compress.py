@@ -275,3 +275,24 @@ def test_a_full_evict_cache_takes_one_token_at_a_time():
     cache.update(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4))
     with pytest.raises(ValueError, match="one token per call"):
         cache.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+def test_compress_bench_writes_json_and_its_report(tmp_path, capsys):
+    from kvlib.bench import main
+
+    out = tmp_path / "compress.json"
+    main(["compress", "--windows", "1", "--repeats", "1", "--no-gpt2", "--no-hf", "--threads",
+          "1", "--out", str(out), "--no-progress"])
+    import json
+
+    d = json.loads(out.read_text())
+    labels = [c["label"] for c in d["caches"]]
+    assert labels[0] == "fp32 (full)" and "int4 + residual 32" in labels and "evict 32" in labels
+    by = {c["label"]: c for c in d["caches"]}
+    assert by["int8"]["bytes_ratio"] == pytest.approx(1.125 / 4)
+    assert by["int4"]["bytes_ratio"] == pytest.approx(0.625 / 4)
+    assert [t["met"] for t in d["targets"]] == [False, True, True, True]
+    text = capsys.readouterr().out
+    assert "## Compressing the cache" in text and "| int8 bytes at the full context" in text

@@ -37,6 +37,11 @@ TARGETS: dict[str, Target] = {
     # attention sinks (python -m kvlib.bench streaming): flat, and against recomputing the window
     "sinks_flat": Target(2048, "<=", 1.1),  # step at the longest length / at 1/8 of it
     "sinks_vs_recompute": Target(2048, ">=", 10.0),  # recompute's time per token / sinks'
+    # compressed caches (python -m kvlib.bench compress), mini-llama at its full context (256)
+    "int8_bytes": Target(256, "<=", 0.28),  # bytes held / fp32's, scales included, no residual
+    "int4_bytes": Target(256, "<=", 0.16),
+    "int8_ppl": Target(256, "<=", 1.01),  # held-out perplexity / the fp32 cache's
+    "int4_ppl": Target(256, "<=", 1.05),  # with a residual window (kvlib.bench.compress.RESIDUAL)
 }
 QWEN3 = {**BASE, "model": "qwen3-0.6b"}  # the modern targets' cells
 
