@@ -134,10 +134,13 @@ def hf_rows(model, rows: torch.Tensor, ref_top1: torch.Tensor, group_size: int, 
     except ImportError as err:
         return [], f"transformers' QuantizedCache is not available: {err}"
     backends, missing = {}, []
-    for name, module in (("quanto", "optimum.quanto"), ("hqq", "hqq")):
+    from importlib.metadata import version
+
+    for name, module, dist in (("quanto", "optimum.quanto", "optimum-quanto"),
+                               ("hqq", "hqq", "hqq")):
         try:
             __import__(module)
-            backends[name] = True
+            backends[name] = f"{dist} {version(dist)}"
         except Exception as err:  # noqa: BLE001 - any import failure means: not measured
             missing.append(f"{name} ({type(err).__name__}: {err})")
     hf = to_hf_model(model)
@@ -158,8 +161,16 @@ def hf_rows(model, rows: torch.Tensor, ref_top1: torch.Tensor, group_size: int, 
                     "perplexity": float(nll.mean().exp()),
                     "agreement": float((top1.reshape(-1) == ref_top1).float().mean()),
                     "nbytes": nbytes, "step_ms": ms})
-    note = ("ran: " + ", ".join(h["label"] for h in out) if out else "none ran") + (
-        "; not run: " + "; ".join(missing) if missing else "")
+    import transformers
+
+    parts = [f"transformers {transformers.__version__}"]
+    if backends:
+        parts[0] += (", " + ", ".join(backends.values()) + " (installed with pip from the "
+                     "package index, CPU wheels; optional, not kvlib requirements)")
+    parts.append("ran: " + (", ".join(h["label"] for h in out) if out else "none"))
+    if missing:
+        parts.append("not run: " + "; ".join(missing))
+    note = "; ".join(parts)
     return out, note
 
 
