@@ -296,3 +296,22 @@ def test_compress_bench_writes_json_and_its_report(tmp_path, capsys):
     assert [t["met"] for t in d["targets"]] == [False, True, True, True]
     text = capsys.readouterr().out
     assert "## Compressing the cache" in text and "| int8 bytes at the full context" in text
+
+
+# ---- the widget ---------------------------------------------------------------------------------
+
+def test_compression_explorer_measures_and_leaves_the_model_as_it_was(mini):
+    pytest.importorskip("ipywidgets")
+    from kvlib.widgets import CompressionExplorer
+
+    rows = kvlib.held_out("mini-llama")[:, :64]
+    mini.set_kv_cache("sliding", window=8)
+    w = CompressionExplorer(mini, rows, bits=4, group_size=32, budget=32)
+    first = w.image.value
+    assert w.result.quantized_nbytes == mini.cfg.n_layers * quantized_nbytes(
+        64, mini.cfg.n_kv_heads, mini.cfg.head_dim, 4, 32)
+    w.bits.value = 8
+    assert w.result.bits == 8 and w.image.value != first
+    assert w.result.errors["keys per channel"] < w.result.errors["keys per token"]
+    assert type(mini.caches[0]).__name__ == "SlidingWindowCache" and mini.caches[0].window == 8
+    mini.set_kv_cache("concat")
