@@ -11,6 +11,7 @@ from .cache import (
     attention_mask,
 )
 from .check import CacheCheckError, check_cache
+from .compress import BFloat16Cache, EvictCache, QuantizedCache
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import (
@@ -42,8 +43,9 @@ from .vocab import TrimmedTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockPool", "CacheCheckError", "EOT_ID", "Engine", "PagedCache", "PRESETS", "REPO_URL",
-    "STRATEGIES", "CausalLM", "ConcatCache",
+    "BFloat16Cache", "BlockPool", "CacheCheckError", "EOT_ID", "Engine", "EvictCache",
+    "PagedCache", "QuantizedCache", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM",
+    "ConcatCache",
     "GPT2Tokenizer", "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig",
     "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",
     "Stopwatch", "Tokenizer", "TrimmedTokenizer", "attention_mask", "check_cache", "decode",

@@ -15,7 +15,8 @@ move with ``model.to(...)`` but never enter ``state_dict()``.
 | "sliding"  | ``SlidingWindowCache`` | ``window`` tokens, up front | the last ``window``     |
 
 ``kvlib.streaming`` adds "sinks" (attention sinks + a window, StreamingLLM) and "recompute"
-(the window recomputed at every step, the baseline sinks are measured against).
+(the window recomputed at every step, the baseline sinks are measured against); ``kvlib.compress``
+adds "bf16", "quantized" (int8/int4 keys and values) and "evict" (H2O's heavy hitters).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class KVCache(nn.Module):
     prefill_limit: int | None = None  # most tokens one call may bring (None: any number)
     recompute_span: int | None = None  # "recompute": the last tokens a step recomputes
     pad: Tensor | None = None  # (B,) left padding of each row of a batch; see set_padding
+    wants_scores: bool = False  # attend() hands it the attention weights (eviction, H2O)
 
     def __init__(self) -> None:
         super().__init__()

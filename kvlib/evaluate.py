@@ -4,6 +4,7 @@
     result = kvlib.perplexity(model, ids, cache="sliding", window=64)   # token by token
     result.nll          # (tokens - 1,) the negative log-likelihood of each next token, in nats
     result.perplexity   # exp(mean nll)
+    result.top1         # (tokens - 1,) the token the model ranked first at each step
 
 With a cache the text is streamed as generation would see it: the first token is prefilled, then
 every later token is decoded one at a time, and the logits before each token score it. So a cache
@@ -73,6 +74,7 @@ class Perplexity:
     nll: Tensor  # (N,)
     cache: str = "none"
     window: int | None = None
+    top1: Tensor | None = None  # (N,) the argmax of each prediction (greedy agreement)
 
     @property
     def tokens(self) -> int:
@@ -118,7 +120,9 @@ def perplexity(model: CausalLM, ids: Sequence[int] | Tensor, cache: str | None =
 
     ``cache``: None (full attention, recomputed; ``window`` masks it to the same span as a
     sliding cache), "concat", "prealloc", "sliding" (needs ``window``), "sinks" (``window`` and
-    ``n_sink``) or "recompute" (``window``); ``cache_options`` go to ``model.set_kv_cache``. With
+    ``n_sink``), "recompute" (``window``), "bf16", "quantized" (``bits``, ``group_size``,
+    ``residual``) or "evict" (``budget``, ``n_sink``, ``window``); ``cache_options`` go to
+    ``model.set_kv_cache``. With
     a cache, or ``stream=True``, the text is fed token by token through ``prefill`` and
     ``decode_one``, as ``generate`` feeds it; otherwise one forward pass per ``batch_size`` rows
     (for "recompute": ``8 * batch_size`` windows per pass, the same losses as streaming). The
@@ -129,21 +133,28 @@ def perplexity(model: CausalLM, ids: Sequence[int] | Tensor, cache: str | None =
     name = "none" if cache is None else cache
     with preserved_state(model):
         model.eval()
+        top1 = torch.empty(rows.shape[0], rows.shape[1] - 1, dtype=torch.long,
+                           device=rows.device)  # (B, T - 1)
         if name == "none" and not stream:
-            nll = torch.cat([_one_forward(model, rows[i : i + batch_size], window)
+            nll = torch.cat([_one_forward(model, rows[i : i + batch_size], window,
+                                          top1[i : i + batch_size])
                              for i in range(0, rows.shape[0], batch_size)])
         elif name == "recompute" and not stream:
             nll = torch.stack([_recomputed(model, row, window, 8 * batch_size) for row in rows])
+            top1 = None
         else:
             model.set_kv_cache(name, max_len=rows.shape[1], window=window, **cache_options)
-            nll = _streamed(model, rows)
-    return Perplexity(nll.reshape(-1).cpu(), name, window)
+            nll = _streamed(model, rows, top1)
+    return Perplexity(nll.reshape(-1).cpu(), name, window,
+                      None if top1 is None else top1.reshape(-1).cpu())
 
 
-def _one_forward(model: CausalLM, rows: Tensor, window: int | None) -> Tensor:
-    """``(B, T - 1)`` losses from one forward over ``rows`` (full attention, or a window)."""
+def _one_forward(model: CausalLM, rows: Tensor, window: int | None, top1: Tensor) -> Tensor:
+    """``(B, T - 1)`` losses from one forward over ``rows`` (full attention, or a window); the
+    argmax of each prediction goes to ``top1``."""
     model.set_kv_cache("none", window=window)
     logits = model(rows, use_cache=True)  # positions 0 .. T-1, causal, masked to the window
+    top1.copy_(logits[:, :-1].argmax(dim=-1))
     return _token_nll(logits[:, :-1], rows[:, 1:]).view(rows.shape[0], -1)
 
 
@@ -168,13 +179,15 @@ def _recomputed(model: CausalLM, row: Tensor, window: int | None, batch_size: in
     return torch.cat(out)
 
 
-def _streamed(model: CausalLM, rows: Tensor) -> Tensor:
-    """``(B, T - 1)`` losses, feeding one token at a time through the model's caches."""
+def _streamed(model: CausalLM, rows: Tensor, top1: Tensor) -> Tensor:
+    """``(B, T - 1)`` losses, feeding one token at a time through the model's caches; the argmax
+    of each prediction goes to ``top1``."""
     B, T = rows.shape
     nll = torch.empty(B, T - 1, device=rows.device)
     logits = prefill(model, rows[:, :1])  # (B, vocab): the prediction of token 1
     for t in range(1, T):
         nll[:, t - 1] = _token_nll(logits, rows[:, t])
+        top1[:, t - 1] = logits.argmax(dim=-1)
         if t < T - 1:
             logits = decode_one(model, rows[:, : t + 1])
     return nll

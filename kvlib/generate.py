@@ -227,8 +227,10 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
 
     cache: None (recompute everything each step), "concat", "prealloc", "sliding" (needs
     ``window``; with None, ``window`` masks the recomputation to the same span), "sinks"
-    (``window`` and ``n_sink``, RoPE models) or "recompute" (the last ``window`` tokens,
-    recomputed each step); ``cache_options`` go to the cache class. temperature 0 is greedy;
+    (``window`` and ``n_sink``, RoPE models), "recompute" (the last ``window`` tokens,
+    recomputed each step), "bf16", "quantized" (``bits=8`` or ``4``, ``group_size``,
+    ``residual``) or "evict" (``budget``, ``n_sink``, ``window``; see ``kvlib.compress``);
+    ``cache_options`` go to the cache class. temperature 0 is greedy;
     otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
     Stops early once every sequence has produced ``eos_id``.
     """

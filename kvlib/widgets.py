@@ -1,5 +1,5 @@
 """Interactive versions of ``kvlib.plots``: the cache explorer, the latency monitor, the memory
-calculator.
+calculator, the compression explorer.
 
 Every widget wraps a plain function of ``kvlib.plots`` and shows its figure as a PNG ``Image``
 widget, so the picture is part of the widget state that a notebook saves. Those functions hand
@@ -39,6 +39,7 @@ from .plots import (
     plot_memory,
     spec_label,
 )
+from .plots.compress import Tradeoff, compression_tradeoff, plot_compression
 
 HAS_STACK = hasattr(widgets, "Stack")  # ipywidgets >= 8: switch frames in the browser
 KERNEL_NOTE = ("<small><i>Changing these settings recomputes in Python: it needs a running "
@@ -349,3 +350,48 @@ class MemoryCalculator(widgets.VBox):
             f"<b>{format_bytes(s.cache_bytes_per_token(d))} per token</b>; "
             f"x {t:,} tokens x batch {b} = <b>{format_bytes(self.cache_bytes)}</b> "
             f"({self.cache_bytes:,} bytes) beside {format_bytes(s.weight_bytes(d))} of weights.")
+
+
+class CompressionExplorer(widgets.VBox):
+    """Bits, group size and an eviction budget in; bytes held, the keys' and values' quantization
+    error and the perplexity of both caches out (``compression_tradeoff`` on ``rows``, the
+    picture of ``plot_compression``). Each change measures again (a few seconds)."""
+
+    def __init__(self, model: CausalLM, rows, bits: int = 4, group_size: int = 32,
+                 budget: int = 64, dpi: int = 72) -> None:
+        self.model, self.rows, self.dpi = model, rows, dpi
+        D, T = model.cfg.head_dim, rows.shape[1]
+        groups = [g for g in (4, 8, 16, 32, 64, 128) if D % g == 0 and g <= T]
+        self.bits = widgets.Dropdown(options=[8, 4], value=bits, description="bits")
+        self.group_size = widgets.Dropdown(options=groups, value=group_size,
+                                           description="group size")
+        self.budget = widgets.IntSlider(value=budget, min=16, max=T, step=16,
+                                        description="budget", continuous_update=False)
+        self.image = _image()
+        self.numbers = widgets.HTML()
+        for w in (self.bits, self.group_size, self.budget):
+            w.observe(self.update, names="value")
+        self.update()
+        super().__init__([widgets.HBox([self.bits, self.group_size, self.budget]), self.image,
+                          self.numbers, widgets.HTML(KERNEL_NOTE)])
+        self.add_class("kvlib-compression")
+
+    def __repr__(self) -> str:
+        t = self.result
+        return (f"CompressionExplorer(int{t.bits}, group {t.group_size}, budget {t.budget}: "
+                f"{t.quantized_nbytes:,} and {t.evict_nbytes:,} bytes of {t.full_nbytes:,})")
+
+    def update(self, change=None) -> None:
+        """Measure the chosen settings and show them."""
+        t: Tradeoff = compression_tradeoff(self.model, self.rows, self.bits.value,
+                                           self.group_size.value, self.budget.value)
+        self.result = t
+        self.image.value = figure_png(plot_compression(t), dpi=self.dpi)
+        e = t.errors
+        self.numbers.value = (
+            f"int{t.bits}, group {t.group_size}: mean error of the keys "
+            f"<b>{e['keys per channel']:.1%}</b> of their mean size grouped per channel "
+            f"(kvlib), {e['keys per token']:.1%} per token; values {e['values per token']:.1%} "
+            f"per token (kvlib), {e['values per channel']:.1%} per channel. Perplexity: full "
+            f"{t.full_perplexity:.3f}, int{t.bits} <b>{t.quantized_perplexity:.3f}</b>, evict "
+            f"(budget {t.budget}) <b>{t.evict_perplexity:.3f}</b>.")

@@ -64,7 +64,7 @@ def test_compile_verdict_follows_the_numbers():
 REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",
                "benchmarks/compile.json", "--lockstep", "benchmarks/lockstep.json", "--also",
                "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json", "--serving",
-               "benchmarks/serving.json"]
+               "benchmarks/serving.json", "--compress", "benchmarks/compress.json"]
 
 
 def test_the_stored_results_render_to_the_stored_report(capsys, monkeypatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .compress import compress, compress_lines
 from .figures import plot
 from .lockstep import lockstep
 from .overhead import compile_check
@@ -109,6 +110,17 @@ def add_other_parsers(sub) -> None:
     sv.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
     sv.add_argument("--out", default="serving.json")
     sv.add_argument("--no-progress", action="store_true")
+    cp = sub.add_parser("compress", help="quantized and evicting caches: perplexity, greedy "
+                        "agreement, bytes held and decode step (a minute or two)")
+    cp.add_argument("--model", default="mini-llama")
+    cp.add_argument("--windows", type=int, default=16, help="held-out windows of the context")
+    cp.add_argument("--repeats", type=int, default=3)
+    cp.add_argument("--no-gpt2", action="store_true", help="skip GPT-2 124M (random weights)")
+    cp.add_argument("--no-hf", action="store_true", help="skip transformers' QuantizedCache")
+    cp.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    cp.add_argument("--out", default="compress.json")
+    cp.add_argument("--no-progress", action="store_true")
+    rep.add_argument("--compress", help="a JSON written by the compress command, to include")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
@@ -149,6 +161,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.serving:
         print("\n---\n")
         print("\n".join(serving_lines(_read(args.serving)["runs"])))
+    if args.compress:
+        print("\n---\n")
+        print("\n".join(compress_lines(_read(args.compress))))
     for path in args.also:  # each with its own machine, commands and targets
         print("\n---\n")
         print(report({**_read(path), "report_command": command}))
@@ -188,6 +203,14 @@ def cmd_serving(args: argparse.Namespace, argv: list[str]) -> None:
     print("\n".join(serving_lines(runs)))
 
 
+def cmd_compress(args: argparse.Namespace, argv: list[str]) -> None:
+    d = compress(args.model, args.windows, repeats=args.repeats, gpt2=not args.no_gpt2,
+                 hf=not args.no_hf, progress=not args.no_progress)
+    d["command"] = _command(argv)
+    _write(args.out, d)
+    print("\n".join(compress_lines(d)))
+
+
 def cmd_plot(args: argparse.Namespace, argv: list[str]) -> None:
     for p in plot(_read(args.json), args.dir):
         print(p)
@@ -217,7 +240,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
-            "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving}
+            "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving,
+            "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,11 @@ TARGETS: dict[str, Target] = {
     "engine_vs_hf_padded": Target(0, ">=", 2.0),  # engine tokens/s / transformers' padded batch
     "paged_waste": Target(0, "<=", 5.0),  # % of the paged pool's reserved bytes not used
     "paged_step": Target(0, "<=", 1.15),  # paged decode step / contiguous prealloc, same batch
+    # compressed caches (python -m kvlib.bench compress), mini-llama at its full context (256)
+    "int8_bytes": Target(256, "<=", 0.28),  # bytes held / fp32's, scales included, no residual
+    "int4_bytes": Target(256, "<=", 0.16),
+    "int8_ppl": Target(256, "<=", 1.01),  # held-out perplexity / the fp32 cache's
+    "int4_ppl": Target(256, "<=", 1.05),  # with a residual window (kvlib.bench.compress.RESIDUAL)
 }
 QWEN3 = {**BASE, "model": "qwen3-0.6b"}  # the modern targets' cells
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import compress
 from ..cache import STRATEGIES, ConcatCache, KVCache, attention_mask
 from ..streaming import N_SINK
 
@@ -35,6 +36,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
     ``cache`` the new keys and values are stored first and attention runs over what
     ``cache.update`` returns.
     """
+    if cache is not None and cache.wants_scores:  # eviction (H2O) reads the attention weights
+        return scored_attention(q, k, v, cache)
     window, mask = None, None
     B, H, T, D = q.shape
     if cache is not None:
@@ -57,6 +60,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
         mask = attention_mask(T, S, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                           enable_gqa=gqa)
+
+
+def scored_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
+    """Causal attention written out, for a cache that needs the softmax weights
+    (``cache.observe``): the fused kernel never forms them, so this costs a ``(B, H, T, S)``
+    tensor and a slower step."""
+    k, v = cache.update(k, v)  # (B, H_kv, S, D)
+    B, H, T, D = q.shape
+    S, H_kv = k.shape[2], k.shape[1]
+    k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, S, D): each kv head for its query group
+    v = v.repeat_interleave(H // H_kv, dim=1)
+    scores = q @ k.transpose(-2, -1) / D**0.5  # (B, H, T, S)
+    mask = attention_mask(T, S, None, q.device)  # the queries are the last T of S positions
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)  # (B, H, T, S)
+    cache.observe(weights)
+    return weights @ v  # (B, H, T, D)
 
 
 class CausalLM(nn.Module):
@@ -94,7 +115,9 @@ class CausalLM(nn.Module):
 
         ``max_len`` sizes "prealloc" (default: the context length); ``window`` is required by
         "sliding", "sinks" and "recompute" and optional for "none" (a no-cache model masked to
-        the same window); ``options`` go to the cache class (``n_sink=`` for "sinks").
+        the same window); ``options`` go to the cache class (``n_sink=`` for "sinks"; ``bits=``,
+        ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for "evict",
+        whose ``window`` is its recent window, see ``kvlib.compress``).
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown cache {strategy!r}; choose one of {list(STRATEGIES)}")
@@ -119,6 +142,8 @@ class CausalLM(nn.Module):
                              f"not {strategy!r}")
         if strategy == "prealloc":
             return {"max_len": max_len or ctx, **options}
+        if strategy in ("bf16", "quantized", "evict"):
+            return compress.cache_arguments(strategy, self.cfg.head_dim, window, options)
         if strategy != "sinks":
             return {**({} if strategy == "concat" else {"window": window}), **options}
         inv_freq = getattr(getattr(self, "rope", None), "inv_freq", None)

@@ -23,12 +23,24 @@ hand the reader's model back as they found it (``kvlib.state.preserved_state``).
 | ``training.py`` | ``plot_training``: the trained models' loss curves, from their metrics |
 | ``streaming.py`` | ``plot_stream_loss``, ``plot_stream_state``, ``plot_first_token_attention`` |
 | ``serving.py`` | ``plot_padded_batch``, ``plot_engine_step``, ``plot_serving_memory`` |
+| ``compress.py`` | ``plot_channel_magnitudes``, ``measure_frontier``, ``plot_frontier``, ... |
 | ``figure.py`` | ``PlotFigure``, ``figure_png``: figures as PNGs |
 | ``inputs.py`` | prompts and strategy specs as the measuring functions take them |
 """
 
 from ..style import COLORS, NO_CACHE, strategy_color, strategy_label
 from .cache_state import CACHE_FIGSIZE, cache_state_pngs, plot_cache_state, token_text
+from .compress import (
+    FrontierPoint,
+    Tradeoff,
+    cached_keys_values,
+    compression_tradeoff,
+    grouping_errors,
+    measure_frontier,
+    plot_channel_magnitudes,
+    plot_compression,
+    plot_frontier,
+)
 from .figure import PlotFigure, figure_png
 from .frames import CacheFrame, cache_frames, cache_frames_for
 from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
@@ -52,7 +64,10 @@ from .streaming import (
 from .training import plot_training
 
 __all__ = [
-    "CACHE_FIGSIZE", "COLORS", "NO_CACHE", "CacheFrame", "LatencyRun", "PlotFigure", "Prompt",
+    "CACHE_FIGSIZE", "COLORS", "NO_CACHE", "CacheFrame", "FrontierPoint", "Tradeoff",
+    "cached_keys_values", "compression_tradeoff", "grouping_errors", "measure_frontier",
+    "plot_channel_magnitudes", "plot_compression", "plot_frontier", "LatencyRun", "PlotFigure",
+    "Prompt",
     "StrategySpec", "cache_frames", "cache_frames_for", "cache_state_pngs", "figure_png",
     "RopeRotation", "measure_latency", "plot_cache_sizes", "plot_cache_state", "plot_latency",
     "plot_first_token_attention", "plot_memory", "plot_rope_rotation", "plot_stream_loss",
