@@ -75,7 +75,7 @@ class KVCache(nn.Module):
         """Bytes of key/value storage this cache holds right now."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def positions(self, T: int) -> Tensor | None:
+    def next_positions(self, T: int) -> Tensor | None:
         """Positions ``(B, T)`` of the next ``T`` tokens of each row when the rows of a batch
         differ (left padding: a row's first real token is at position 0); None when every row
         continues at ``seen``, the model's own counter."""

@@ -93,6 +93,14 @@ def add_other_parsers(sub) -> None:
     st.add_argument("--no-progress", action="store_true")
     rep.add_argument("--streaming", help="a JSON written by the streaming command, to include")
     rep.add_argument("--serving", help="a JSON written by the serving command, to include")
+    rep.add_argument("--compress", help="a JSON written by the compress command, to include")
+    pl = sub.add_parser("plot", help="PNG plots of a results JSON")
+    pl.add_argument("json")
+    pl.add_argument("--dir", default=".")
+
+
+def add_serving_parsers(sub) -> None:
+    """The commands of the later chapters: many requests, compressed caches."""
     sv = sub.add_parser("serving", help="many requests: one at a time, static padded batches "
                         "(kvlib and transformers) and the continuous-batching engine")
     sv.add_argument("--models", type=_csv(), default=["mini-llama", "gpt2"],
@@ -120,10 +128,6 @@ def add_other_parsers(sub) -> None:
     cp.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
     cp.add_argument("--out", default="compress.json")
     cp.add_argument("--no-progress", action="store_true")
-    rep.add_argument("--compress", help="a JSON written by the compress command, to include")
-    pl = sub.add_parser("plot", help="PNG plots of a results JSON")
-    pl.add_argument("json")
-    pl.add_argument("--dir", default=".")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_run_parser(sub)
     add_other_parsers(sub)
+    add_serving_parsers(sub)
     return ap.parse_args(argv)
 
 

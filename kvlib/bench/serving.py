@@ -193,6 +193,30 @@ def _paged_waste(model, work, bs: int, num_blocks: int) -> float:
     return _waste(statistics.fmean(res), statistics.fmean(used))
 
 
+def _hf_model(model):
+    from .runners import hf_twin
+
+    hf = hf_twin(model)
+    hf.generation_config.eos_token_id = None  # random weights: run every row to its end
+    return hf
+
+
+def _one_pass(model, hf, work, batch: int, block_size: int, num_blocks: int):
+    """Every way once: ``{way: (seconds, outputs)}``, the static batches' slots, and the two
+    engines (with and without prefix caching), for their accounting."""
+    s, alone = _one_at_a_time(model, work)
+    results = {"one at a time": (s, alone)}
+    s, outs, static_slots = _static(model, work, batch)
+    results["static batch (kvlib)"] = (s, outs)
+    if hf is not None:
+        results["static batch (transformers)"] = _hf_static(hf, work, batch)
+    engines = {}
+    for prefix in (True, False):
+        s, outs, engines[prefix] = _engine(model, work, block_size, num_blocks, prefix)
+        results["engine" if prefix else "engine, no prefix caching"] = (s, outs)
+    return results, static_slots, engines
+
+
 def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
             prompt: tuple[int, int] = (8, 64), output: tuple[int, int] = (8, 64),
             batch: int = 8, block_size: int = 16, repeats: int = 3, warmup: int = 1,
@@ -203,16 +227,10 @@ def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
     work = workload(model.cfg.vocab_size, n, system, prompt, output)
     longest = max(p.shape[0] + m for p, m in work)
     num_blocks = batch * -(-longest // block_size)  # what the static batches reserve
-    hf = None
-    if compare_hf:
-        from .runners import hf_twin
-
-        hf = hf_twin(model)
-        hf.generation_config.eos_token_id = None  # random weights: run every row to its end
-    ways = ["one at a time", "static batch (kvlib)", "static batch (transformers)",
-            "engine", "engine, no prefix caching"]
-    if hf is None:
-        ways.remove("static batch (transformers)")
+    hf = _hf_model(model) if compare_hf else None
+    ways = [w for w in ("one at a time", "static batch (kvlib)", "static batch (transformers)",
+                        "engine", "engine, no prefix caching")
+            if hf is not None or "transformers" not in w]
     times = {w: [] for w in ways}
     prefill_s = {True: [], False: []}
     same = {}
@@ -221,25 +239,18 @@ def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a RoPE model past its trained context warns once
         for i in range(warmup + repeats):
-            s, alone = _one_at_a_time(model, work)
-            results = {"one at a time": (s, alone)}
-            s, outs, static_slots = _static(model, work, batch)
-            results["static batch (kvlib)"] = (s, outs)
-            if hf is not None:
-                results["static batch (transformers)"] = _hf_static(hf, work, batch)
-            for prefix in (True, False):
-                s, outs, engine = _engine(model, work, block_size, num_blocks, prefix)
-                key = "engine" if prefix else "engine, no prefix caching"
-                results[key] = (s, outs)
-                if i >= warmup:
-                    prefill_s[prefix].append(engine.prefill_seconds)
-                if prefix:
-                    shared_engine = engine
+            results, static_slots, engines = _one_pass(model, hf, work, batch, block_size,
+                                                       num_blocks)
+            alone = results["one at a time"][1]
             for w, (s, outs) in results.items():
                 if i >= warmup:
                     times[w].append(s)
                 same[w] = all(torch.equal(a, b) for a, b in zip(outs, alone, strict=True))
                 bar.update()
+            if i >= warmup:
+                for prefix, engine in engines.items():
+                    prefill_s[prefix].append(engine.prefill_seconds)
+            shared_engine = engines[True]
         bar.close()
         step = _step_ratio(model, batch, min(step_length, model.cfg.context_length - step_count
                                              - 1), step_count, block_size)
@@ -326,19 +337,26 @@ def serving_lines(runs: list[dict]) -> list[str]:
             unit = "%" if "%" in t["target"] else "x"
             value = "-" if t["value"] is None else f"{t['value']:.2f}{unit}"
             lines.append(f"| {t['target']} | {value} | {t['op']} {t['limit']} | {met} |")
-        waste, step = d["targets"][1], d["targets"][2]
-        if waste["met"] is False:
-            lines += ["", f"Why the paged waste is above {waste['limit']:.0f}%: only the last "
-                      "block of each running request is partly empty, about half a block each; "
-                      f"with blocks of {d['block_size']} and requests that average "
-                      f"{d['mean_tokens']:.0f} tokens that is the figure above. vLLM's under 4% "
-                      "is for longer requests; smaller blocks waste less (the sweep above)."]
-        if step["met"] is False:
-            lines += ["", "Why the paged step is slower: PyTorch has no attention kernel that "
-                      "reads keys through a block table, so every layer gathers the batch's "
-                      "blocks into one tensor per step (a copy of the live keys and values) "
-                      "before the fused attention; vLLM's kernel reads each block where it "
-                      "lies. Reading the whole pool in place instead avoids the copy but costs "
-                      "batch x pool work, more than the copy once the pool is not full."]
+        lines += _why_missed(d)
         lines.append("")
+    return lines
+
+
+def _why_missed(d: dict) -> list[str]:
+    """A paragraph for each target a run missed: why, on this machine."""
+    lines = []
+    waste, step = d["targets"][1], d["targets"][2]
+    if waste["met"] is False:
+        lines += ["", f"Why the paged waste is above {waste['limit']:.0f}%: only the last "
+                  "block of each running request is partly empty, about half a block each; "
+                  f"with blocks of {d['block_size']} and requests that average "
+                  f"{d['mean_tokens']:.0f} tokens that is the figure above. vLLM's under 4% "
+                  "is for longer requests; smaller blocks waste less (the sweep above)."]
+    if step["met"] is False:
+        lines += ["", "Why the paged step is slower: PyTorch has no attention kernel that "
+                  "reads keys through a block table, so every layer gathers the batch's "
+                  "blocks into one tensor per step (a copy of the live keys and values) "
+                  "before the fused attention; vLLM's kernel reads each block where it "
+                  "lies. Reading the whole pool in place instead avoids the copy but costs "
+                  "batch x pool work, more than the copy once the pool is not full."]
     return lines

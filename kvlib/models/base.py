@@ -212,7 +212,7 @@ class CausalLM(nn.Module):
         if not use_cache:
             self.check_positions(0, T, use_cache)
             return 0, None
-        rows = self.caches[0].positions(T)  # (B, T) or None
+        rows = self.caches[0].next_positions(T)  # (B, T) or None
         if rows is None:
             self.check_positions(self.pos, T, use_cache)
             return self.pos, None

@@ -1,0 +1,32 @@
+"""Serving many requests at once: a paged KV cache with prefix sharing, and continuous batching.
+
+A server does not know how long an answer will be. Reserving a contiguous cache for the longest
+possible request wastes most of it (the vLLM paper measured 60-80% of KV memory in systems that
+did). Paging cuts the cache into **blocks** of ``block_size`` tokens, the way an operating system
+cuts memory into pages:
+
+- ``BlockPool`` holds every layer's keys and values for ``num_blocks`` blocks, hands out free
+  blocks on demand and takes them back when a request ends. A request's **block table** lists its
+  blocks in order: token ``t`` lives in block ``table[t // block_size]``, slot
+  ``t % block_size``. Only a request's last block is partly empty, so the waste is under one
+  block per request.
+- Blocks carry **reference counts**, so requests can share them. A prompt's full blocks are
+  registered under a hash of their tokens and of every token before them (the **prefix**): a new
+  request whose prompt starts with the same blocks takes them instead of computing them again
+  (**prefix caching**). A block whose count drops to 0 is free again but keeps its contents
+  until it is handed out, so a later request may still find it. A request that must write into a
+  block that others also use gets its own copy first (**copy-on-write**; ``Engine.fork``).
+- ``PagedCache`` is one layer's view of the pool. Attention gathers a batch's blocks into one
+  ``(B, H, blocks * block_size, D)`` tensor per step (see ``PagedCache.update`` for why).
+- ``Engine`` runs requests with **continuous batching**: at every step, requests that have
+  arrived join as soon as the pool can promise them every block they may need, each request gets
+  one new token, and a finished request leaves at once and frees its blocks for the next.
+
+Greedy decoding only: the engine is here to show memory and scheduling, and greedy tokens let the
+tests check that every request gets exactly the tokens it gets alone.
+"""
+
+from .engine import Engine, Request, StepRecord
+from .pool import BlockPool, PagedCache
+
+__all__ = ["BlockPool", "Engine", "PagedCache", "Request", "StepRecord"]
