@@ -46,7 +46,7 @@ def test_one_table_of_limits_for_both_judges(synthetic_results, monkeypatch):
     data = synthetic_results({("prealloc", 200): 1.1},
                              {("prealloc", 200): 37, ("hf-dynamic", 200): 30})
     judged = [t for t in targets(data) + lockstep_targets(_lockstep()) if t["op"] != "shown"]
-    others = ("qwen3", "bf16", "sinks", "engine", "paged", "int8", "int4")  # other commands'
+    others = ("qwen3", "bf16", "sinks", "engine", "paged", "int8", "int4")  # other commands
     gpt2 = [k for k in TARGETS if not k.startswith(others)]  # the gpt2 run's own targets
     limits = {(TARGETS[k].op, TARGETS[k].limit) for k in gpt2}
     assert {(t["op"], t["limit"]) for t in judged} == limits  # every limit from the table
