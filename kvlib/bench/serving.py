@@ -114,25 +114,23 @@ def _waste(reserved: int, used: int) -> float:
     return 100.0 * (1 - used / reserved) if reserved else 0.0
 
 
+def _busy_means(engine: Engine) -> dict[str, float]:
+    """``Engine.slots_by_step``, averaged over the steps with a request running."""
+    s = engine.slots_by_step()
+    busy = [i for i, n in enumerate(s["running"]) if n]
+    return {k: statistics.fmean(v[i] for i in busy) for k, v in s.items()}
+
+
 def _memory(engine: Engine, work, static_slots, per_token: int) -> dict:
     """Average reserved and used bytes over the steps of each way of holding the cache."""
     longest = max(p.shape[0] + n for p, n in work)
-    pre_res, pre_used, paged_res, paged_used = [], [], [], []
-    for rec in engine.history:
-        if not rec.filled:
-            continue
-        used = sum(rec.filled.values())  # every request's own tokens (shared ones counted each)
-        pre_res.append(len(rec.filled) * longest)
-        pre_used.append(used)
-        paged_res.append(rec.stats["bytes_reserved"] // per_token)
-        paged_used.append(rec.stats["bytes_used"] // per_token)
-    st_res = [r for r, _ in static_slots]
-    st_used = [u for _, u in static_slots]
+    m = _busy_means(engine)
     mean = statistics.fmean
-    rows = {
-        "prealloc to the longest request": (mean(pre_res), mean(pre_used)),
-        "static batch (padded, prealloc)": (mean(st_res), mean(st_used)),
-        "paged (engine)": (mean(paged_res), mean(paged_used)),
+    rows = {  # (reserved, used) token slots; prealloc uses every request's own tokens
+        "prealloc to the longest request": (m["running"] * longest, m["tokens"]),
+        "static batch (padded, prealloc)": (mean(r for r, _ in static_slots),
+                                            mean(u for _, u in static_slots)),
+        "paged (engine)": (m["paged"], m["used"]),
     }
     return {k: {"reserved_bytes": r * per_token, "used_bytes": u * per_token,
                 "waste_pct": _waste(r, u)} for k, (r, u) in rows.items()}
@@ -187,10 +185,8 @@ def _paged_waste(model, work, bs: int, num_blocks: int) -> float:
     for p, n in work:
         engine.add_request(p, n)
     engine.run()
-    res = [r.stats["blocks_used"] * bs for r in engine.history if r.filled]
-    used = [r.stats["bytes_used"] * bs // engine.pool.block_nbytes
-            for r in engine.history if r.filled]
-    return _waste(statistics.fmean(res), statistics.fmean(used))
+    m = _busy_means(engine)
+    return _waste(m["paged"], m["used"])
 
 
 def _hf_model(model):

@@ -129,14 +129,9 @@ def serving_memory(engine: Engine) -> dict[str, np.ndarray]:
     counted once per block: shared blocks once), ``paged`` (the blocks in use, whole), and
     ``prealloc`` (a contiguous cache per running request, sized for the longest request)."""
     longest = max(len(r.prompt) + r.max_new_tokens - 1 for r in engine.requests.values())
-    bs = engine.pool.block_size
-    used, paged, pre = [], [], []
-    per_token = engine.pool.block_nbytes // bs
-    for rec in engine.history:
-        used.append(rec.stats["bytes_used"] // per_token)
-        paged.append(rec.stats["blocks_used"] * bs)
-        pre.append(len(rec.tables) * longest)
-    return {"used": np.array(used), "paged": np.array(paged), "prealloc": np.array(pre)}
+    s = engine.slots_by_step()
+    return {"used": np.array(s["used"]), "paged": np.array(s["paged"]),
+            "prealloc": np.array(s["running"]) * longest}
 
 
 def plot_serving_memory(engine: Engine) -> PlotFigure:

@@ -89,15 +89,14 @@ class Engine:
     def add_request(self, ids: Tensor | list[int], max_new_tokens: int, arrival_step: int = 0
                     ) -> int:
         """Queue a request; returns its id. It joins at ``arrival_step`` or later."""
-        if isinstance(ids, Tensor):
-            if ids.dim() == 2 and ids.shape[0] == 1:
-                ids = ids[0]
-            check_token_ids(ids[None] if ids.dim() == 1 else ids, self.model.cfg.vocab_size)
-            ids = ids.tolist()
-        if not ids or not all(isinstance(t, int) for t in ids):
+        prompt = ids if isinstance(ids, Tensor) else torch.tensor(ids)
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.numel() == 0:
             raise ValueError("a request's prompt must be a 1-D tensor or a list of token ids, "
                              "with at least one token")
-        check_token_ids(torch.tensor([ids]), self.model.cfg.vocab_size)
+        check_token_ids(prompt[None], self.model.cfg.vocab_size)
+        ids = prompt.tolist()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if arrival_step < 0:
@@ -281,15 +280,30 @@ class Engine:
         """Step until every request has finished; ``{request id: prompt + output}``."""
         from tqdm.auto import tqdm
 
-        total = sum(r.max_new_tokens - len(r.output) for r in self.requests.values())
-        with tqdm(total=total, desc="engine", unit="tok", disable=not progress) as bar:
+        def made() -> int:
+            return sum(len(r.output) for r in self.requests.values())
+
+        total = sum(r.max_new_tokens for r in self.requests.values())
+        with tqdm(total=total, initial=made(), desc="engine", unit="tok",
+                  disable=not progress) as bar:
             while self.pending:
-                before = sum(len(r.output) for r in self.requests.values())
                 self.step()
-                bar.update(sum(len(r.output) for r in self.requests.values()) - before)
+                if progress:
+                    bar.update(made() - bar.n)
         return {rid: self.result(rid) for rid in self.requests}
 
     # ---- accounting -----------------------------------------------------------------------
+    def slots_by_step(self) -> dict[str, list[int]]:
+        """Token slots at every step so far: ``paged`` (the blocks in use, whole), ``used``
+        (their filled slots, a shared block once), ``tokens`` (every running request's tokens,
+        shared ones counted for each) and ``running`` (requests in the batch)."""
+        bs, h = self.pool.block_size, self.history
+        per_token = self.pool.block_nbytes // bs
+        return {"paged": [r.stats["blocks_used"] * bs for r in h],
+                "used": [r.stats["bytes_used"] // per_token for r in h],
+                "tokens": [sum(r.filled.values()) for r in h],
+                "running": [len(r.tables) for r in h]}
+
     @property
     def stats(self) -> dict[str, int]:
         """Blocks and bytes now: ``blocks_used`` (held by a request), ``blocks_shared`` (held

@@ -174,6 +174,3 @@ class PagedCache(KVCache):
         """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own
         tokens, nothing after (the rest of its last block and the padding of its table)."""
         return self.pool.mask  # (B, 1, T, S)
-
-    def reset(self) -> None:
-        super().reset()  # the blocks belong to the engine's requests, not to this view
