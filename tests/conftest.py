@@ -16,6 +16,11 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _shared.is_dir():
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_report_header(config):
+    return (f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads")
+
+
 def _make_model(preset: str = "tiny", seed: int = 0, **overrides) -> kvlib.GPTModel:
     torch.manual_seed(seed)
     return kvlib.GPTModel(kvlib.GPTConfig.from_preset(preset, **overrides)).eval()

@@ -200,6 +200,7 @@ def test_concat_grows_one_token_per_step_and_sliding_stays_flat(tiny):
 
 # --- devices and dtypes -------------------------------------------------------------------------
 
+@pytest.mark.kernels
 def test_bfloat16_on_cpu_and_caches_follow_dtype(teacher_forced, make_model):
     model = make_model().to(torch.bfloat16)
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])

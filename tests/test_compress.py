@@ -131,6 +131,7 @@ def test_bytes_at_full_context_meet_or_miss_the_ratios(mini):
     assert int8 == pytest.approx(1.125 / 4) and int4 == pytest.approx(0.625 / 4)
 
 
+@pytest.mark.kernels
 def test_quantized_logits_stay_close(mini):
     ids = kvlib.held_out("mini-llama")[:, :128]
     ref = kvlib.perplexity(mini, ids, cache="concat")

@@ -6,6 +6,9 @@ import torch
 import kvlib
 
 P = torch.tensor([[1, 2, 3]])
+# Two bfloat16 kernels that round differently agree within one bfloat16 epsilon (2**-7), relative
+# and absolute (these logits are of order 1); measured: at most 1.3e-4 apart without AVX-512.
+BF16_KERNELS = {"rtol": 2**-7, "atol": 2**-7}
 
 
 @pytest.mark.parametrize("window", [0, -3])
@@ -28,10 +31,12 @@ def test_sliding_needs_window_and_others_refuse_it(tiny):
         kvlib.generate(tiny, P, 5, cache="prealloc", window=4)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-qwen3"])
 def test_weights_are_laid_out_for_the_dtype(preset):
     """float32 on a CPU: matrices transposed in memory; bfloat16: row-major. Same values, same
-    shapes, the head still tied, the same logits as a plain cast."""
+    shapes, the head still tied, and the logits of a plain cast within bfloat16's rounding: the two
+    layouts may take different bfloat16 kernels (they do without AMX), which round differently."""
     f32 = kvlib.load_model(preset, seed=1)
     bf16 = kvlib.load_model(preset, seed=1, dtype=torch.bfloat16)
     for model, transposed in ((f32, True), (bf16, False)):
@@ -46,4 +51,4 @@ def test_weights_are_laid_out_for_the_dtype(preset):
                                                  strict=True))
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        assert torch.equal(bf16(ids), cast(ids))
+        torch.testing.assert_close(bf16(ids), cast(ids), **BF16_KERNELS)

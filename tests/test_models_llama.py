@@ -148,6 +148,7 @@ def test_cache_holds_only_the_kv_heads(models, name):
     assert get_spec(cfg).mha_cache_bytes(tokens, 2, "float32") == nbytes * cfg.n_groups
 
 
+@pytest.mark.kernels
 def test_bfloat16_cache(make_llama):
     model = make_llama("tiny-qwen3").to(torch.bfloat16)
     kvlib.generate(model, ids((1, 5), seed=6), max_new_tokens=4, cache="prealloc")
