@@ -1,17 +1,23 @@
 """kvlib: GPT-2 and Llama-style models, KV-cache strategies and generation for the course
 "KV Cache from Scratch"."""
 
-from .cache import (
+from . import caches
+from .caches import (
     STRATEGIES,
+    BFloat16Cache,
     ConcatCache,
+    EvictCache,
     KVCache,
     NoCache,
+    PagedCache,
     PreallocCache,
+    QuantizedCache,
+    RecomputeCache,
+    SinkCache,
     SlidingWindowCache,
     attention_mask,
 )
 from .check import CacheCheckError, check_cache
-from .compress import BFloat16Cache, EvictCache, QuantizedCache
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import (
@@ -27,7 +33,7 @@ from .generate import (
 from .loading import load_model
 from .machine import environment
 from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, LlamaModel
-from .serving import BlockPool, Engine, PagedCache
+from .serving import BlockPool, Engine
 from .timing import Stopwatch, device_sync
 from .tokenizer import (
     EOT_ID,
@@ -44,7 +50,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BFloat16Cache", "BlockPool", "CacheCheckError", "EOT_ID", "Engine", "EvictCache",
-    "PagedCache", "QuantizedCache", "PRESETS", "REPO_URL", "STRATEGIES", "CausalLM",
+    "PagedCache", "QuantizedCache", "RecomputeCache", "SinkCache", "caches", "PRESETS",
+    "REPO_URL", "STRATEGIES", "CausalLM",
     "ConcatCache",
     "GPT2Tokenizer", "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig",
     "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",

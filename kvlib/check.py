@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cache import KVCache
+from .caches import KVCache
 from .generate import generate
 from .models import CausalLM, GPTConfig, GPTModel
 
@@ -158,22 +158,21 @@ def _prompt_lengths(W: int | None) -> list[int]:
     return [5, 12] if W is None else sorted({max(1, W - 1), W, W + 1, 2 * W + 3})
 
 
-def _install(model: CausalLM, make: Callable[[], KVCache]) -> None:
-    for layer in model.attention_layers:
-        layer.kv_cache = make()
-    model.pos = 0
+def _fresh(model: CausalLM, make: Callable[[], KVCache]) -> list[KVCache]:
+    """One new cache of the reader's class per layer (plugged in with ``model.using``)."""
+    return [make() for _ in model.attention_layers]
 
 
 @torch.no_grad()
-def _cached_tokens(model: CausalLM, make: Callable[[], KVCache], prompt: Tensor,
+def _cached_tokens(model: CausalLM, caches: list[KVCache], prompt: Tensor,
                    n: int) -> list[int]:
-    _install(model, make)
-    logits = model(prompt, use_cache=True)[:, -1]
-    out = []
-    for _ in range(n):
-        nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
-        out.append(int(nxt))
-        logits = model(nxt, use_cache=True)[:, -1]
+    with model.using(caches):
+        logits = model(prompt, use_cache=True)[:, -1]
+        out = []
+        for _ in range(n):
+            nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+            out.append(int(nxt))
+            logits = model(nxt, use_cache=True)[:, -1]
     return out
 
 
@@ -183,7 +182,7 @@ def _check_tokens(model: CausalLM, make: Callable[[], KVCache], W: int | None,
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=g)
     ref = generate(model, prompt, n, cache=None, window=W).tokens[0, prompt_len:].tolist()
-    mine = _cached_tokens(model, make, prompt, n)
+    mine = _cached_tokens(model, _fresh(model, make), prompt, n)
     if mine != ref:
         step = next(i for i, (a, b) in enumerate(zip(mine, ref, strict=True)) if a != b)
         pos = prompt_len + step
@@ -200,8 +199,8 @@ def _check_logits(model: CausalLM, make: Callable[[], KVCache], W: int | None) -
                         generator=torch.Generator().manual_seed(9))
     model.set_kv_cache("none", window=W)
     ref = model(seq, use_cache=True)  # (1, T, vocab): masked to the window, if any
-    _install(model, make)
-    mine = torch.cat([model(seq[:, t : t + 1], use_cache=True) for t in range(T)], dim=1)
+    with model.using(_fresh(model, make)):
+        mine = torch.cat([model(seq[:, t : t + 1], use_cache=True) for t in range(T)], dim=1)
     err = (mine - ref).abs().amax(dim=-1)[0]  # (T,)
     if float(err.max()) > TOLERANCE:
         t = int((err > TOLERANCE).nonzero()[0])
@@ -222,8 +221,9 @@ def _window_hint(W: int | None, pos: int) -> str:
 def _check_nbytes(model: CausalLM, make: Callable[[], KVCache], W: int | None,
                   max_len: int) -> str:
     tokens = 10
-    _cached_tokens(model, make, torch.zeros(1, 1, dtype=torch.long), tokens - 1)
-    cache = model.caches[0]
+    caches = _fresh(model, make)
+    _cached_tokens(model, caches, torch.zeros(1, 1, dtype=torch.long), tokens - 1)
+    cache = caches[0]
     cfg = model.cfg
     per_token = 2 * cfg.n_heads * cfg.head_dim * 4  # keys + values, float32
     held = cache.tokens_held if cache.capacity is None else cache.capacity

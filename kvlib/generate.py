@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .cache import STRATEGIES
+from .caches import STRATEGIES, strategy
 from .models import CausalLM, check_token_ids
 from .timing import Stopwatch, tokens_per_s
 
@@ -102,14 +102,13 @@ def prefill(model: CausalLM, idx: Tensor) -> Tensor:
     """Run the prompt ``(B, T)`` once, filling the caches; return the next-token logits.
 
     A cache that recomputes a window sees only the prompt's last ``window`` tokens; one that
-    takes at most ``prefill_limit`` tokens per call (attention sinks, once full) gets a first
-    chunk of that many, then one token at a time."""
+    takes one token per call once full (attention sinks, eviction) gets a first chunk of
+    ``capacity`` tokens, then one token at a time."""
     model.reset_kv_cache()
-    cache = model.caches[0]
-    span = cache.recompute_span
-    if span is not None:
-        idx = idx[:, -span:]
-    first = cache.prefill_limit
+    cache, traits = model.caches[0], model.cache_traits
+    if traits.recomputes_window:
+        idx = idx[:, -cache.window:]
+    first = cache.capacity if traits.one_token_when_full else None
     if first is None or idx.shape[1] <= first:
         return model(idx, use_cache=True, last_only=True)[:, -1, :]  # (B, vocab)
     logits = model(idx[:, :first], use_cache=True, last_only=True)
@@ -123,10 +122,10 @@ def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     caches remember the rest, else recompute the whole (cropped) sequence. With a cache the new
     token skips the id range check: ``prefill`` checked the prompt and later tokens come from the
     model's own vocabulary."""
-    cache = model.caches[0]
-    if cache.capacity == 0:  # nothing cached: recompute
+    cache, traits = model.caches[0], model.cache_traits
+    if not traits.keeps_tokens:  # nothing cached: recompute
         model.reset_kv_cache()
-        span = cache.recompute_span  # "recompute": the last window tokens only
+        span = cache.window if traits.recomputes_window else None  # the last window only
         if span is None and model.hard_context:  # GPT-2 sees at most its last context_length
             span = model.cfg.context_length
         if span is not None:
@@ -135,18 +134,19 @@ def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     return model(seq[:, -1:], use_cache=True, last_only=True, check_ids=False)[:, -1, :]
 
 
-PADDED_CACHES = ("none", "concat", "prealloc")  # the strategies a left-padded batch can use
-
-
 def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | None,
               temperature: float, top_k: int | None, pad: Tensor | None = None) -> str:
     name = "none" if cache is None else cache
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown cache {cache!r}; choose None or one of {list(STRATEGIES)[1:]}")
+    try:
+        cls = strategy(name)
+    except ValueError:
+        raise ValueError(f"unknown cache {cache!r}; choose None or one of "
+                         f"{[n for n in STRATEGIES if n != 'none']}") from None
     check_token_ids(idx, model.cfg.vocab_size)
-    if pad is not None and name not in PADDED_CACHES:
+    if pad is not None and not cls.traits.takes_padding:
+        takers = [n for n, c in STRATEGIES.items() if c.traits.takes_padding]
         raise ValueError(
-            f"prompts of different lengths work with cache None, 'concat' or 'prealloc', not "
+            f"prompts of different lengths work with caches {takers} (None for 'none'), not "
             f"{name!r}: its slots hold one position per slot for the whole batch. Generate the "
             "prompts one at a time, or serve them with kvlib.Engine (a paged cache)")
     if pad is not None and model.hard_context and name == "none" \
@@ -157,7 +157,7 @@ def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | No
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if model.hard_context:
-        recomputes = name in ("none", "recompute")  # nothing cached: no position runs out
+        recomputes = not cls.traits.keeps_tokens  # nothing cached: no position runs out
         _check_hard_context(idx.shape[1], max_new_tokens, model.cfg.context_length,
                             "none" if recomputes else name)
     if temperature < 0:
@@ -229,7 +229,8 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     ``window``; with None, ``window`` masks the recomputation to the same span), "sinks"
     (``window`` and ``n_sink``, RoPE models), "recompute" (the last ``window`` tokens,
     recomputed each step), "bf16", "quantized" (``bits=8`` or ``4``, ``group_size``,
-    ``residual``) or "evict" (``budget``, ``n_sink``, ``window``; see ``kvlib.compress``);
+    ``residual``) or "evict" (``budget``, ``n_sink``, ``window``; see ``kvlib.caches``), or a
+    name registered with ``kvlib.caches.register``;
     ``cache_options`` go to the cache class. temperature 0 is greedy;
     otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
     Stops early once every sequence has produced ``eos_id``.

@@ -1,6 +1,6 @@
 """The RoPE rotation itself, below every module that rotates keys: the models rotate queries and
 keys by their positions (``kvlib.models.llama``), and the sink cache moves cached keys to other
-positions (``kvlib.streaming``)."""
+positions (``kvlib.caches.streaming``)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """Borrow a reader's model and hand it back as it was: ``with preserved_state(model): ...``.
 
 The pictures and widgets generate text with the reader's own model, and generating gives every
-attention layer a fresh cache (``set_kv_cache``) and moves the position counter. Inside the
-``with`` block they may do that; on the way out every attention layer gets back the very cache
-object it had, ``model.pos`` its value, every module its training flag and the parameters their
-dtype and device. The reader's caches keep their tokens because nothing writes to them meanwhile:
-``set_kv_cache`` replaces cache objects, it never resets the ones it replaces.
+attention layer a fresh cache (``set_kv_cache``). Inside the ``with`` block they may do that; on
+the way out every attention layer gets back the very cache object it had (``model.using``), and
+with it the position counter, which the caches own; every module gets back its training flag and
+the parameters their dtype and device. The reader's caches keep their tokens because nothing
+writes to them meanwhile: ``set_kv_cache`` replaces cache objects, it never resets the ones it
+replaces.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import KVCache
+from .caches import KVCache
 from .models import CausalLM
 
 
@@ -25,8 +26,7 @@ from .models import CausalLM
 class ModelState:
     """What a borrowed model must look like again when it is handed back."""
 
-    caches: list[KVCache]  # each attention layer's cache object, in layer order
-    pos: int  # the position counter
+    caches: list[KVCache]  # each attention layer's cache object (and so its position)
     training: list[tuple[nn.Module, bool]]  # every module's train/eval flag
     dtype: torch.dtype  # of the parameters
     device: torch.device
@@ -38,10 +38,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def capture_state(model: CausalLM) -> ModelState:
-    """Note the model's caches, position counter, training flags, dtype and device."""
+    """Note the model's caches, training flags, dtype and device."""
     first = next(model.parameters())
-    return ModelState(list(model.caches), model.pos,
-                      [(m, m.training) for m in model.modules()], first.dtype, first.device)
+    return ModelState(list(model.caches), [(m, m.training) for m in model.modules()],
+                      first.dtype, first.device)
 
 
 def restore_state(model: CausalLM, state: ModelState) -> None:
@@ -50,19 +50,17 @@ def restore_state(model: CausalLM, state: ModelState) -> None:
     first = next(model.parameters())
     if (first.dtype, first.device) != (state.dtype, state.device):
         model.to(device=state.device, dtype=state.dtype)
-    for layer, cache in zip(model.attention_layers, state.caches, strict=True):
-        layer.kv_cache = cache
-    model.pos = state.pos
     for module, training in state.training:
         module.training = training
 
 
 @contextmanager
 def preserved_state(model: CausalLM) -> Iterator[CausalLM]:
-    """Lend ``model`` to the block and restore its caches, position counter, training flags,
-    dtype and device when the block ends, by an error too."""
+    """Lend ``model`` to the block and restore its caches (and so its position counter),
+    training flags, dtype and device when the block ends, by an error too."""
     state = capture_state(model)
-    try:
-        yield model
-    finally:
-        restore_state(model, state)
+    with model.using(state.caches):  # gives every layer its own cache object back
+        try:
+            yield model
+        finally:
+            restore_state(model, state)

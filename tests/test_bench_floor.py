@@ -102,7 +102,7 @@ class ToyLlama(kvlib.CausalLM):
 
     hard_context = False
     # the floor reads n_heads here; the key/value heads and head dim (16, not 32 / 4) come from
-    # the model's caches
+    # the layer specs, which a family declares for its caches
     cfg = kvlib.GPTConfig(vocab_size=300, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
 
     def __init__(self) -> None:
@@ -111,12 +111,16 @@ class ToyLlama(kvlib.CausalLM):
         self.embed_tokens = nn.Embedding(300, 32)
         self.layers = nn.ModuleList(_GQABlock() for _ in range(2))
         self.lm_head = nn.Linear(32, 300, bias=False)  # untied
+        self.set_kv_cache()
+
+    def layer_specs(self):
+        _, kv_heads, dim = self.layers[0].self_attn.shape
+        return [kvlib.caches.LayerSpec(kv_heads, dim, 64)] * len(self.layers)
 
     def forward(self, idx, use_cache=False, last_only=False, check_ids=True):
         x = self.embed_tokens(idx)
         for block in self.layers:
             x = block(x, use_cache)
-        self.pos += idx.shape[1] if use_cache else 0
         return self.lm_head(x[:, -1:] if last_only else x)
 
 

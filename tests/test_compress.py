@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvlib
-from kvlib.compress import (
+from kvlib.caches.compressed import (
     SCALE_DTYPE,
     EvictCache,
     QuantizedCache,

@@ -28,7 +28,7 @@ def test_an_error_inside_still_hands_the_model_back(reader_model, left_as_found)
     check = left_as_found(reader_model)
     with pytest.raises(RuntimeError, match="on purpose"), preserved_state(reader_model):
         reader_model.set_kv_cache("concat")
-        reader_model.pos = 99
+        kvlib.prefill(reader_model, torch.tensor([[1, 2, 3]]))  # the position moves on
         raise RuntimeError("on purpose")
     check()
 

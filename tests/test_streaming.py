@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kvlib
 from kvlib.models.llama import apply_rope
-from kvlib.streaming import SinkCache, rotate
+from kvlib.caches.streaming import SinkCache, rotate
 
 
 def _positions(t: int, n_sink: int, W: int) -> tuple[list[int], list[int], int]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..compress import EvictCache, QuantizedCache
+from ..caches import EvictCache, QuantizedCache
 from ..evaluate import held_out
 from ..generate import decode_one, prefill
 from ..loading import load_model

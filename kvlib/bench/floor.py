@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..generate import prefill
 from ..models import CausalLM
 from ..timing import Stopwatch
 
@@ -107,20 +106,8 @@ def floor_step(chain: FloorChain, x: Tensor, kv: list[tuple[Tensor, Tensor]] | N
 
 
 def cache_shapes(model: CausalLM) -> list[tuple[int, int]]:
-    """``(H_kv, D)`` of each layer's keys, as the model's own caches store them: one token is
-    run through fresh concat caches, then the layers get their caches back, emptied."""
-    kept = [layer.kv_cache for layer in model.attention_layers]
-    model.set_kv_cache("concat")
-    try:
-        with torch.inference_mode():
-            p = next(model.parameters())
-            prefill(model, torch.zeros(1, 1, dtype=torch.long, device=p.device))
-        shapes = [(c.keys.shape[1], c.keys.shape[3]) for c in model.caches]
-    finally:
-        for layer, cache in zip(model.attention_layers, kept, strict=True):
-            layer.kv_cache = cache
-        model.reset_kv_cache()
-    return shapes
+    """``(H_kv, D)`` of each layer's keys, as the model's caches store them (its layer specs)."""
+    return [(spec.n_kv_heads, spec.head_dim) for spec in model.layer_specs()]
 
 
 class Floor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import STRATEGIES
+from ..caches import STRATEGIES
 from ..models import PRESETS
 
 SCHEMA = "kvlib-bench/1"

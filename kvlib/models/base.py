@@ -1,30 +1,32 @@
 """What every kvlib model shares: the cache plumbing, cached attention and the id check.
 
-A model family (``gpt2.py``, ``llama.py``) writes its own blocks and ``forward``; it inherits
-``set_kv_cache``, ``reset_kv_cache``, ``caches`` and ``kv_cache_nbytes`` from ``CausalLM``, and
-every attention layer calls ``attend`` with its queries, keys and values, so each cache strategy
-works with each family unchanged.
+A model family (``gpt2.py``, ``llama.py``) writes its own blocks and ``forward`` and says what
+its attention layers are (``layer_specs``); it inherits ``set_kv_cache``, ``using``,
+``reset_kv_cache``, ``caches`` and ``kv_cache_nbytes`` from ``CausalLM``, and every attention
+layer calls ``attend`` with its queries, keys and values, so each cache strategy works with each
+family unchanged. No model names a strategy: ``kvlib.caches.build`` makes them.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import compress
-from ..cache import STRATEGIES, ConcatCache, KVCache, attention_mask
-from ..streaming import N_SINK
+from ..caches import KVCache, LayerSpec, Traits, attention_mask, build
 
 
 class CachedAttention(nn.Module):
-    """Base of every attention layer: it owns one cache, ``self.kv_cache``."""
+    """Base of every attention layer: it owns one cache, ``self.kv_cache`` (the model gives it
+    one with ``set_kv_cache``; see ``kvlib.caches``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.kv_cache: KVCache = ConcatCache()  # this layer's keys and values; see kvlib.cache
+        self.kv_cache: KVCache | None = None  # this layer's keys and values
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: float = 0.0
@@ -36,7 +38,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
     ``cache`` the new keys and values are stored first and attention runs over what
     ``cache.update`` returns.
     """
-    if cache is not None and cache.wants_scores:  # eviction (H2O) reads the attention weights
+    if cache is not None and cache.traits.needs_scores:  # eviction (H2O) reads the weights
         return scored_attention(q, k, v, cache)
     window, mask = None, None
     B, H, T, D = q.shape
@@ -64,8 +66,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
 
 def scored_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
     """Causal attention written out, for a cache that needs the softmax weights
-    (``cache.observe``): the fused kernel never forms them, so this costs a ``(B, H, T, S)``
-    tensor and a slower step."""
+    (``cache.observe``, H2O's eviction): the fused kernel never forms them, so this costs a
+    ``(B, H, T, S)`` tensor and a slower step."""
     k, v = cache.update(k, v)  # (B, H_kv, S, D)
     B, H, T, D = q.shape
     S, H_kv = k.shape[2], k.shape[1]
@@ -81,8 +83,10 @@ def scored_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
 
 
 class CausalLM(nn.Module):
-    """The cache plumbing of a decoder-only model: one cache per attention layer, a position
-    counter ``self.pos``, and the checks that a chosen strategy fits the model.
+    """The cache plumbing of a decoder-only model: one cache per attention layer, and the checks
+    that the positions fit the model. The caches own the position: the next token goes at the
+    first layer's ``get_seq_length()`` (``pos``), so resetting or replacing the caches moves it
+    with them.
 
     ``hard_context`` says whether ``cfg.context_length`` is a wall (GPT-2's learned positions end
     there) or only the length the model was trained on (RoPE: positions go on, quality may not).
@@ -92,7 +96,6 @@ class CausalLM(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pos = 0  # position counter: where the next token goes after the cached ones
         self._warned_past_context = False
 
     @property
@@ -108,55 +111,54 @@ class CausalLM(nn.Module):
     def caches(self) -> list[KVCache]:
         return [layer.kv_cache for layer in self.attention_layers]
 
+    @property
+    def pos(self) -> int:
+        """The position counter: where the next token goes, which is how many tokens the caches
+        have taken since their reset (the first layer's ``get_seq_length()``)."""
+        return self.caches[0].get_seq_length()
+
+    @property
+    def cache_traits(self) -> Traits:
+        """What the caches in use declare about themselves (``kvlib.caches.Traits``)."""
+        return self.caches[0].traits
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """What each attention layer's cache may need to know: heads, head size, context, RoPE
+        frequencies. Each family says."""
+        raise NotImplementedError
+
     def set_kv_cache(self, strategy: str = "concat", *, max_len: int | None = None,
                      window: int | None = None, **options) -> None:
-        """Give every attention layer a fresh cache of one strategy (see ``kvlib.cache`` and
-        ``kvlib.streaming``).
+        """Give every attention layer a fresh cache of one strategy (``kvlib.caches``: any name
+        in ``kvlib.caches.STRATEGIES``, a reader's own too once registered).
 
-        ``max_len`` sizes "prealloc" (default: the context length); ``window`` is required by
-        "sliding", "sinks" and "recompute" and optional for "none" (a no-cache model masked to
-        the same window); ``options`` go to the cache class (``n_sink=`` for "sinks"; ``bits=``,
-        ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for "evict",
-        whose ``window`` is its recent window, see ``kvlib.compress``).
+        ``max_len`` sizes "prealloc" (default: the context length) and is ignored by strategies
+        that do not take it; ``window`` is required by "sliding", "sinks" and "recompute" and
+        optional for "none" (a no-cache model masked to the same window) and "evict" (its recent
+        window); ``options`` go to the cache class (``n_sink=`` for "sinks"; ``bits=``,
+        ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for "evict").
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown cache {strategy!r}; choose one of {list(STRATEGIES)}")
-        kwargs = self._cache_arguments(strategy, max_len, window, options)
-        p = next(self.parameters())
-        for layer in self.attention_layers:
-            layer.kv_cache = STRATEGIES[strategy](**kwargs).to(p.device)
-        self.pos = 0
+        caches = build(strategy, self.layer_specs(), max_len=max_len, window=window, **options)
+        device = next(self.parameters()).device
+        for layer, cache in zip(self.attention_layers, caches, strict=True):
+            layer.kv_cache = cache.to(device)
 
-    def _cache_arguments(self, strategy: str, max_len: int | None, window: int | None,
-                         options: dict) -> dict:
-        """The checked arguments of one strategy's class."""
-        ctx = self.cfg.context_length
-        if window is not None and not 0 < window <= ctx:
-            raise ValueError(
-                f"window must be between 1 and the context length ({ctx} tokens), got {window}"
-            )
-        if strategy in ("sliding", "sinks", "recompute") and window is None:
-            raise ValueError(f"the {strategy!r} cache needs a window, e.g. window=256")
-        if strategy in ("concat", "prealloc") and window is not None:
-            raise ValueError(f"window applies to 'sliding', 'sinks', 'recompute' or 'none', "
-                             f"not {strategy!r}")
-        if strategy == "prealloc":
-            return {"max_len": max_len or ctx, **options}
-        if strategy in ("bf16", "quantized", "evict"):
-            return compress.cache_arguments(strategy, self.cfg.head_dim, window, options)
-        if strategy != "sinks":
-            return {**({} if strategy == "concat" else {"window": window}), **options}
-        inv_freq = getattr(getattr(self, "rope", None), "inv_freq", None)
-        if inv_freq is None:
-            raise ValueError("attention sinks need rotary positions (the Llama/Qwen3 family): "
-                             "GPT-2 adds learned absolute positions to its embeddings, so a "
-                             "cached key cannot be moved; use cache='sliding' for GPT-2")
-        n_sink = options.get("n_sink", N_SINK)
-        if n_sink + window > ctx:
-            raise ValueError(f"n_sink + window = {n_sink + window} tokens, more than the "
-                             f"{ctx} positions the model was trained on: make the window at "
-                             f"most {ctx - n_sink}")
-        return {"window": window, **options, "inv_freq": inv_freq}
+    @contextmanager
+    def using(self, caches: Sequence[KVCache]) -> Iterator[CausalLM]:
+        """``with model.using(caches): ...``: every attention layer uses ``caches[i]`` inside the
+        block, and gets back the very cache object it had when the block ends, by an error too."""
+        layers = self.attention_layers
+        if len(caches) != len(layers):
+            raise ValueError(f"the model has {len(layers)} attention layers but got "
+                             f"{len(caches)} caches: give one per layer")
+        saved = [layer.kv_cache for layer in layers]
+        for layer, cache in zip(layers, caches, strict=True):
+            layer.kv_cache = cache
+        try:
+            yield self
+        finally:
+            for layer, cache in zip(layers, saved, strict=True):
+                layer.kv_cache = cache
 
     def set_padding(self, pad: Tensor | None) -> None:
         """Tell every cache how many padding tokens sit at the start of each row of the batch
@@ -167,10 +169,9 @@ class CausalLM(nn.Module):
             cache.pad = pad
 
     def reset_kv_cache(self) -> None:
-        """Forget every cached token in every layer and restart the position counter."""
+        """Forget every cached token in every layer, which restarts the position counter."""
         for cache in self.caches:
             cache.reset()
-        self.pos = 0
 
     def weight_matrices(self) -> list[nn.Module]:
         """The modules whose ``weight`` is a matrix read on every decode step, except a head tied
@@ -206,18 +207,19 @@ class CausalLM(nn.Module):
         return sum(cache.nbytes for cache in self.caches)
 
     def positions(self, T: int, use_cache: bool) -> tuple[int, Tensor | None]:
-        """Where the next ``T`` tokens go: the first position (the counter ``self.pos``, or 0
-        without a cache) and, when the rows of a batch sit at different positions (padding, a
-        paged batch), each row's positions ``(B, T)``. Checks them against the context."""
+        """Where the next ``T`` tokens go: the first position (the caches' length, or 0 without
+        a cache) and, when the rows of a batch sit at different positions (padding, a paged
+        batch), each row's positions ``(B, T)``. Checks them against the context."""
         if not use_cache:
             self.check_positions(0, T, use_cache)
             return 0, None
-        rows = self.caches[0].next_positions(T)  # (B, T) or None
+        cache = self.caches[0]
+        start, rows = cache.get_seq_length(), cache.next_positions(T)  # rows: (B, T) or None
         if rows is None:
-            self.check_positions(self.pos, T, use_cache)
-            return self.pos, None
+            self.check_positions(start, T, use_cache)
+            return start, None
         self.check_positions(int(rows.max()) + 1 - T, T, use_cache)
-        return self.pos, rows
+        return start, rows
 
     def check_positions(self, start: int, T: int, use_cache: bool) -> None:
         """An error past a hard context (GPT-2), a warning, once, past a soft one (RoPE)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..caches import LayerSpec
 from .base import CachedAttention, CausalLM, attend, check_token_ids
 
 
@@ -117,6 +118,12 @@ class GPTModel(CausalLM):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         self.arrange_weights()  # the fast layout for decoding (see CausalLM.arrange_weights)
+        self.set_kv_cache()  # a growing cache in every layer until one is chosen
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """Every layer caches all its heads; positions are learned, so no RoPE frequencies."""
+        c = self.cfg
+        return [LayerSpec(c.n_heads, c.head_dim, c.context_length)] * c.n_layers
 
     def weight_matrices(self) -> list[nn.Module]:
         """Every linear layer and the token embedding, which is also the output head (tied)."""
@@ -140,8 +147,9 @@ class GPTModel(CausalLM):
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if ``last_only``.
 
         With ``use_cache`` the tokens continue the cached ones: the first call fills the caches,
-        later calls append, and positions start at the counter ``self.pos``. ``check_ids=False``
-        skips the range check, for a loop that feeds back tokens the model itself produced.
+        later calls append, and positions start at the caches' length (``self.pos``).
+        ``check_ids=False`` skips the range check, for a loop that feeds back tokens the model
+        itself produced.
         """
         if check_ids:
             check_token_ids(idx, self.cfg.vocab_size)
@@ -156,8 +164,6 @@ class GPTModel(CausalLM):
             x = F.dropout(x, self.cfg.dropout)
         for block in self.h:
             x = block(x, use_cache)
-        if use_cache:
-            self.pos += T
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next token's logits
         return self.lm_head(self.ln_f(x))  # (B, T or 1, vocab)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..caches import LayerSpec
 from ..rotary import apply_rope, rotate_half  # noqa: F401  (rotate_half: chapter 7 shows it here)
 from .base import CachedAttention, CausalLM, attend, check_token_ids
 
@@ -186,7 +187,7 @@ class RotaryEmbedding(nn.Module):
     @property
     def inv_freq(self) -> Tensor:
         """The ``(D/2,)`` rotation frequencies (float32, on the CPU): what a cache needs to move a
-        cached key to another position (``kvlib.streaming``)."""
+        cached key to another position (``kvlib.caches.streaming``)."""
         return rope_frequencies(self.head_dim, self.theta, self.scaling)
 
     def forward(self, start: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,6 +301,13 @@ class LlamaModel(CausalLM):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         self.arrange_weights()  # the fast layout for decoding (see CausalLM.arrange_weights)
+        self.set_kv_cache()  # a growing cache in every layer until one is chosen
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """Every layer caches its ``n_kv_heads`` heads, rotated by the model's RoPE."""
+        c = self.cfg
+        return [LayerSpec(c.n_kv_heads, c.head_dim, c.context_length,
+                          self.rope.inv_freq)] * c.n_layers
 
     def weight_matrices(self) -> list[nn.Module]:
         """Every linear layer and the token embedding, less the head when it is tied to it."""
@@ -331,8 +339,6 @@ class LlamaModel(CausalLM):
             cos, sin = self.rope.at(rows, like=x)  # (B, 1, T, D): each row at its positions
         for layer in self.layers:
             x = layer(x, cos, sin, use_cache)
-        if use_cache:
-            self.pos += T
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         return self.lm_head(self.norm(x))  # (B, T or 1, vocab)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..compress import dequantize, quantize, quantized_nbytes
+from ..caches.compressed import dequantize, quantize, quantized_nbytes
 from ..evaluate import perplexity
 from ..generate import prefill
 from ..models import CausalLM

@@ -26,7 +26,8 @@ Greedy decoding only: the engine is here to show memory and scheduling, and gree
 tests check that every request gets exactly the tokens it gets alone.
 """
 
+from ..caches.paged import PagedCache
 from .engine import Engine, Request, StepRecord
-from .pool import BlockPool, PagedCache
+from .pool import BlockPool
 
 __all__ = ["BlockPool", "Engine", "PagedCache", "Request", "StepRecord"]

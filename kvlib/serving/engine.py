@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..caches.paged import PagedCache
 from ..models import CausalLM, check_token_ids
-from .pool import BlockPool, PagedCache
+from .pool import BlockPool
 
 
 @dataclass
@@ -211,18 +212,9 @@ class Engine:
 
     @contextlib.contextmanager
     def _paged(self) -> Iterator[None]:
-        """The model with the engine's paged caches in, for one forward; its own put back."""
-        model = self.model
-        layers, saved, pos = model.attention_layers, model.caches, model.pos
-        for layer, cache in zip(layers, self.caches, strict=True):
-            layer.kv_cache = cache
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            for layer, cache in zip(layers, saved, strict=True):
-                layer.kv_cache = cache
-            model.pos = pos
+        """The model with the engine's paged caches in, for one step; its own put back."""
+        with self.model.using(self.caches), torch.inference_mode():
+            yield
 
     def _forward(self, rows: list[Request], ids: Tensor, starts: list[int]) -> Tensor:
         """Greedy next tokens ``(B,)`` for ``ids`` ``(B, T)``, row b continuing at ``starts[b]``."""

@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cache import STRATEGIES, KVCache, NoCache
-from .rotary import apply_rope
+from ..rotary import apply_rope
+from .base import KVCache, LayerSpec, Traits
+from .plain import NoCache
 
 N_SINK = 4  # StreamingLLM's default: four initial tokens are enough for its models
 
@@ -57,7 +58,7 @@ class SinkCache(KVCache):
     """
 
     name = "sinks"
-    is_sliding = True
+    traits = Traits(one_token_when_full=True, reuses_slots=True)
 
     def __init__(self, window: int, n_sink: int = N_SINK, inv_freq: Tensor | None = None) -> None:
         super().__init__()
@@ -74,14 +75,24 @@ class SinkCache(KVCache):
         self.register_buffer("values", None, persistent=False)
         self.register_buffer("sink_keys", None, persistent=False)  # (B, H, n_sink, D) unmoved
 
+    @classmethod
+    def for_layer(cls, layer: LayerSpec, window: int, n_sink: int = N_SINK) -> SinkCache:
+        """Sinks move keys with RoPE, so the layer must rotate its keys, and the sinks and the
+        window must fit in the positions the model was trained on."""
+        if layer.inv_freq is None:
+            raise ValueError("attention sinks need rotary positions (the Llama/Qwen3 family): "
+                             "GPT-2 adds learned absolute positions to its embeddings, so a "
+                             "cached key cannot be moved; use cache='sliding' for GPT-2")
+        ctx = layer.context_length
+        if n_sink + window > ctx:
+            raise ValueError(f"n_sink + window = {n_sink + window} tokens, more than the "
+                             f"{ctx} positions the model was trained on: make the window at "
+                             f"most {ctx - n_sink}")
+        return cls(window, n_sink, layer.inv_freq)
+
     @property
     def capacity(self) -> int | None:
         return self.n_sink + self.recent
-
-    @property
-    def prefill_limit(self) -> int | None:
-        """Most tokens one call may bring: before the cache is full, as many as fill it."""
-        return max(self.capacity - self.seen, 1)
 
     @property
     def delta(self) -> int:
@@ -133,16 +144,9 @@ class RecomputeCache(NoCache):
     tokens per new token."""
 
     name = "recompute"
+    traits = Traits(keeps_tokens=False, recomputes_window=True)
 
     def __init__(self, window: int) -> None:
         if window <= 0:
             raise ValueError(f"window must be a positive number of tokens, got {window}")
         super().__init__(window)
-
-    @property
-    def recompute_span(self) -> int | None:
-        return self.window
-
-
-STRATEGIES["sinks"] = SinkCache
-STRATEGIES["recompute"] = RecomputeCache

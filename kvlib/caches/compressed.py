@@ -25,8 +25,8 @@ Eviction (H2O, Zhang et al. 2023). Keep at most ``budget`` tokens: the first ``n
 sinks), the last ``window``, and, between them, the "heavy hitters": the tokens that have received
 the most attention so far, summed over every query that saw them. That needs the attention weights,
 which a fused kernel (``F.scaled_dot_product_attention``, FlashAttention) never forms: a cache
-that sets ``wants_scores`` makes ``kvlib.models.base.attend`` compute the softmax weights
-explicitly and hand them to ``cache.observe``.
+that declares ``Traits(needs_scores=True)`` makes ``kvlib.models.base.attend`` compute the
+softmax weights explicitly and hand them to ``cache.observe``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cache import STRATEGIES, ConcatCache, KVCache
+from .base import KVCache, LayerSpec, Traits
+from .plain import ConcatCache
 from .streaming import N_SINK
 
 BITS = (8, 4)  # int8: one code per byte; int4: two codes per byte
@@ -125,6 +126,7 @@ class BFloat16Cache(ConcatCache):
     dtype: the rounding of a 16-bit cache without changing the model."""
 
     name = "bf16"
+    traits = Traits()  # a left-padded batch is tested with the plain caches only
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         k, v = super().update(keys.to(torch.bfloat16), values.to(torch.bfloat16))
@@ -144,6 +146,18 @@ class QuantizedCache(KVCache):
     """
 
     name = "quantized"
+    options_hint = ("the quantized cache keeps every token: it takes residual= (the newest "
+                    "tokens kept in full precision)")
+
+    @classmethod
+    def for_layer(cls, layer: LayerSpec, bits: int = 8, group_size: int | None = None,
+                  residual: int = 0) -> QuantizedCache:
+        """Groups of ``group_size`` channels (default: KIVI's 32, or the head size if smaller)
+        must divide the layer's head size."""
+        group_size = min(GROUP_SIZE, layer.head_dim) if group_size is None else group_size
+        check_bits(bits)
+        check_group_size(group_size, layer.head_dim, bits)
+        return cls(bits, group_size, residual)
 
     def __init__(self, bits: int = 8, group_size: int = GROUP_SIZE, residual: int = 0) -> None:
         super().__init__()
@@ -229,13 +243,20 @@ class EvictCache(KVCache):
     full it takes one token per call: the new token overwrites, in each head on its own, the held
     token with the least attention summed so far that is neither a sink nor in the recent window.
     ``observe`` adds each step's attention weights to those sums; ``attend`` calls it because
-    ``wants_scores`` is set. Keys carry their positions (rotated by RoPE, or GPT-2's learned
+    its traits say ``needs_scores``. Keys carry their positions (rotated by RoPE, or GPT-2's learned
     positions added before the first layer), so slot order does not matter.
     """
 
     name = "evict"
-    is_sliding = True  # slots are reused
-    wants_scores = True  # attend() must hand this cache its attention weights
+    traits = Traits(needs_scores=True, one_token_when_full=True, reuses_slots=True)
+
+    @classmethod
+    def for_layer(cls, layer: LayerSpec, budget: int | None = None, n_sink: int = N_SINK,
+                  window: int | None = None) -> EvictCache:
+        if budget is None:
+            raise ValueError("the 'evict' cache needs a budget, the most tokens it keeps, e.g. "
+                             "budget=64 (with n_sink= sinks and a recent window=)")
+        return cls(budget, n_sink, window)
 
     def __init__(self, budget: int, n_sink: int = N_SINK, window: int | None = None) -> None:
         super().__init__()
@@ -257,11 +278,6 @@ class EvictCache(KVCache):
     @property
     def capacity(self) -> int | None:
         return self.budget
-
-    @property
-    def prefill_limit(self) -> int | None:
-        """Most tokens one call may bring: before the cache is full, as many as fill it."""
-        return max(self.budget - self.seen, 1)
 
     def slot_positions(self) -> list[int]:
         """The position of the token in each slot of the first sequence's first head."""
@@ -318,38 +334,3 @@ class EvictCache(KVCache):
         H = self.scores.shape[1]
         received = weights.float().sum(dim=2).view(B, H, Hq // H, S).sum(dim=2)  # (B, H, S)
         self.scores[:, :, :S] += received
-
-
-STRATEGIES["bf16"] = BFloat16Cache
-STRATEGIES["quantized"] = QuantizedCache
-STRATEGIES["evict"] = EvictCache
-
-
-def cache_arguments(strategy: str, head_dim: int, window: int | None, options: dict) -> dict:
-    """The checked arguments of "bf16", "quantized" or "evict" (``CausalLM.set_kv_cache``)."""
-    if strategy == "bf16":
-        if window is not None:
-            raise ValueError("window applies to 'evict', 'sliding', 'sinks', 'recompute' or "
-                             "'none', not 'bf16'")
-        return dict(options)
-    if strategy == "quantized":
-        if window is not None:
-            raise ValueError("the quantized cache keeps every token: it takes residual= (the "
-                             "newest tokens kept in full precision), not window=")
-        bits = options.get("bits", 8)
-        group_size = options.get("group_size", min(GROUP_SIZE, head_dim))
-        check_bits(bits)
-        check_group_size(group_size, head_dim, bits)
-        return {**options, "bits": bits, "group_size": group_size}
-    budget = options.get("budget")
-    if budget is None:
-        raise ValueError("the 'evict' cache needs a budget, the most tokens it keeps, e.g. "
-                         "budget=64 (with n_sink= sinks and a recent window=)")
-    n_sink = options.get("n_sink", N_SINK)
-    if window is None:
-        window = max((budget - n_sink) // 2, 1)
-    if budget < n_sink + window:
-        raise ValueError(f"budget ({budget}) must hold the {n_sink} sinks and the window of "
-                         f"{window}: make budget at least {n_sink + window}, or shrink n_sink "
-                         "or window")
-    return {**options, "window": window}

@@ -1,0 +1,35 @@
+"""Every KV-cache strategy, behind one interface, in one package.
+
+| module          | what                                                                      |
+|-----------------|---------------------------------------------------------------------------|
+| ``base.py``     | ``KVCache`` (the interface), ``Traits``, ``LayerSpec``, ``attention_mask`` |
+| ``plain.py``    | "none", "concat", "prealloc", "sliding"                                   |
+| ``streaming.py``| "sinks" (attention sinks, StreamingLLM), "recompute" (their baseline)      |
+| ``compressed.py``| "bf16", "quantized" (int8 / int4, KIVI), "evict" (H2O)                   |
+| ``paged.py``    | ``PagedCache``: one layer's view of a block pool (``kvlib.serving``)        |
+| ``registry.py`` | ``STRATEGIES``, written out once; ``register``; ``build``                   |
+
+A new strategy: a ``KVCache`` subclass in the module of its family, with its ``traits``, and one
+line in ``registry.STRATEGIES`` (a reader's own: ``kvlib.caches.register("mine", MyCache)``).
+"""
+
+from .base import KVCache, LayerSpec, Traits, attention_mask
+from .compressed import (
+    BFloat16Cache,
+    EvictCache,
+    QuantizedCache,
+    dequantize,
+    quantize,
+    quantized_nbytes,
+)
+from .paged import PagedCache
+from .plain import ConcatCache, NoCache, PreallocCache, SlidingWindowCache
+from .registry import STRATEGIES, build, register, strategy
+from .streaming import N_SINK, RecomputeCache, SinkCache
+
+__all__ = [
+    "BFloat16Cache", "ConcatCache", "EvictCache", "KVCache", "LayerSpec", "N_SINK", "NoCache",
+    "PagedCache", "PreallocCache", "QuantizedCache", "RecomputeCache", "STRATEGIES",
+    "SinkCache", "SlidingWindowCache", "Traits", "attention_mask", "build", "dequantize",
+    "quantize", "quantized_nbytes", "register", "strategy",
+]

@@ -1,0 +1,105 @@
+"""The one registry of cache strategies, written out here, and the one place that builds them.
+
+A model asks ``build(name, layers, **options)`` for one cache per attention layer, giving a
+``LayerSpec`` per layer; it never names a strategy. ``build`` checks the user's options against
+what the strategy takes (its ``for_layer`` or ``__init__`` parameters) with errors that say what
+to do, and the class does the rest. A reader's own strategy joins with ``register``::
+
+    kvlib.caches.register("mine", MyCache)
+    kvlib.generate(model, ids, 20, cache="mine")
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .base import KVCache, LayerSpec
+from .compressed import BFloat16Cache, EvictCache, QuantizedCache
+from .plain import ConcatCache, NoCache, PreallocCache, SlidingWindowCache
+from .streaming import RecomputeCache, SinkCache
+
+STRATEGIES: dict[str, type[KVCache]] = {
+    "none": NoCache,  # nothing kept: every step recomputes (chapter 1)
+    "concat": ConcatCache,  # grows with torch.cat (chapter 2)
+    "prealloc": PreallocCache,  # max_len slots, allocated once (chapter 4)
+    "sliding": SlidingWindowCache,  # a ring of window slots (chapter 5)
+    "sinks": SinkCache,  # attention sinks + a ring, RoPE models (chapter 8)
+    "recompute": RecomputeCache,  # the window recomputed every step (chapter 8)
+    "bf16": BFloat16Cache,  # keys and values in bfloat16 (chapter 10)
+    "quantized": QuantizedCache,  # int8 / int4, KIVI-style (chapter 10)
+    "evict": EvictCache,  # H2O's heavy hitters (chapter 10)
+}
+
+
+def register(name: str, cls: type[KVCache]) -> type[KVCache]:
+    """Make ``cls`` (a ``KVCache`` subclass) a strategy named ``name`` for ``set_kv_cache``,
+    ``generate`` and ``perplexity``; returns the class (so it works as a decorator's body)."""
+    if not (isinstance(cls, type) and issubclass(cls, KVCache)):
+        raise TypeError(f"a cache strategy is a kvlib.KVCache subclass, got {cls!r}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a strategy's name is a non-empty string, got {name!r}")
+    if name in STRATEGIES and STRATEGIES[name] is not cls:
+        raise ValueError(f"{name!r} is already {STRATEGIES[name].__name__}; pick another name")
+    STRATEGIES[name] = cls
+    return cls
+
+
+def strategy(name: str) -> type[KVCache]:
+    """The class registered as ``name``, or an error listing the names there are."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown cache {name!r}; choose one of {list(STRATEGIES)} "
+                         "(or register your own: kvlib.caches.register(name, cls))")
+    return STRATEGIES[name]
+
+
+def parameters(cls: type[KVCache]) -> dict[str, inspect.Parameter]:
+    """The options a strategy takes: its ``for_layer``'s, or its ``__init__``'s when
+    ``for_layer`` passes every option on."""
+    own = dict(inspect.signature(cls.for_layer).parameters)
+    own.pop("layer", None)
+    if any(p.kind is p.VAR_KEYWORD for p in own.values()):
+        own = dict(inspect.signature(cls.__init__).parameters)
+        own.pop("self", None)
+    return {n: p for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def taking(option: str) -> list[str]:
+    """The registered strategies that take ``option``."""
+    return [n for n, c in STRATEGIES.items() if option in parameters(c)]
+
+
+def checked_options(name: str, context_length: int, max_len: int | None = None,
+                    window: int | None = None, **options) -> dict:
+    """The options of strategy ``name``, checked: ``window`` within the context and taken by
+    the strategy, ``max_len`` defaulting to the context where it is taken (and dropped where it
+    is not: ``generate`` offers it to every strategy), nothing the strategy does not take."""
+    cls = strategy(name)
+    params = parameters(cls)
+    hint = f": {cls.options_hint}" if cls.options_hint else ""
+    if window is not None and not 0 < window <= context_length:
+        raise ValueError(f"window must be between 1 and the context length ({context_length} "
+                         f"tokens), got {window}")
+    if window is not None and "window" not in params:
+        takers = ", ".join(repr(n) for n in taking("window"))
+        raise ValueError(f"window applies to {takers}, not {name!r}{hint}")
+    needed = params.get("window")
+    if window is None and needed is not None and needed.default is inspect.Parameter.empty:
+        raise ValueError(f"the {name!r} cache needs a window, e.g. window=256")
+    if "window" in params and window is not None:
+        options["window"] = window
+    if "max_len" in params:
+        options["max_len"] = max_len or context_length
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"the {name!r} cache takes no option {', '.join(unknown)} (it takes "
+                         f"{', '.join(params) or 'none'}){hint}")
+    return options
+
+
+def build(name: str, layers: list[LayerSpec], *, max_len: int | None = None,
+          window: int | None = None, **options) -> list[KVCache]:
+    """One cache of strategy ``name`` per layer, from the user's options (see
+    ``checked_options``)."""
+    ctx = layers[0].context_length
+    kwargs = checked_options(name, ctx, max_len=max_len, window=window, **options)
+    return STRATEGIES[name].for_layers(layers, **kwargs)
