@@ -91,3 +91,68 @@ def test_readme_layout_table_matches_the_tree():
             continue
         entry = f"kvlib/{path.name}" + ("/" if path.is_dir() else "")
         assert entry in named, f"README's layout table does not name {entry}"
+
+
+# ---- the import table in CONTRIBUTING.md -----------------------------------------------------
+
+ROOT_PART = "the package's version"  # a part that may import ``kvlib`` itself (its __version__)
+
+
+def part_of(module: str) -> str:
+    """``kvlib.caches.base`` -> ``caches``; the package root is ``kvlib``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "kvlib"
+
+
+def import_table(text: str) -> dict[str, set[str]]:
+    """CONTRIBUTING's table: each part -> the parts it may import (``kvlib`` for the root)."""
+    table = text.split("<!-- import-table", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    every = {p for left, _ in rows for p in re.findall(r"`(\w+)`", left)}
+    allowed = {}
+    for left, right in rows:
+        names = set(re.findall(r"`(\w+)`", right))
+        if right.strip().startswith("anything but"):
+            names = every - names
+        if ROOT_PART in right:
+            names.add("kvlib")
+        for part in re.findall(r"`(\w+)`", left):
+            allowed[part] = names
+    return allowed
+
+
+def test_the_import_table_parses():
+    allowed = import_table((ROOT / "CONTRIBUTING.md").read_text())
+    assert allowed["caches"] == {"rotary"} and allowed["rotary"] == set()
+    assert "train" not in allowed["bench"] and "models" in allowed["bench"]
+    assert allowed["machine"] == {"kvlib"}
+
+
+def test_imports_follow_the_table_in_contributing():
+    allowed = import_table((ROOT / "CONTRIBUTING.md").read_text())
+    mods = modules()
+    parts = {part_of(name) for name in mods} - {"kvlib"}
+    assert parts <= set(allowed), (f"parts of kvlib missing from CONTRIBUTING's import table: "
+                                   f"{sorted(parts - set(allowed))}")
+    wrong = []
+    for name, path in mods.items():
+        me = part_of(name)
+        if me == "kvlib":
+            continue
+        for target in imports_of(name, path, set(mods)):
+            other = part_of(target)
+            if other != me and other not in allowed[me]:
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, "imports against CONTRIBUTING's table:\n  " + "\n  ".join(sorted(wrong))
+
+
+def test_notebooks_never_import_bench():
+    import nbformat
+
+    found = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type == "code" and re.search(r"kvlib\.bench\b|from kvlib import bench",
+                                                      cell.source):
+                found.append(f"{path.name} cell {i}")
+    assert not found, f"chapters import kvlib.bench (use kvlib.measure): {found}"
