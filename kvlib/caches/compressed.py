@@ -146,6 +146,7 @@ class QuantizedCache(KVCache):
     """
 
     name = "quantized"
+    traits = Traits()  # keeps every token, in order, one slot each
     options_hint = ("the quantized cache keeps every token: it takes residual= (the newest "
                     "tokens kept in full precision)")
 
