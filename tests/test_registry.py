@@ -103,3 +103,15 @@ def test_models_and_generation_name_no_strategy():
                 got = {a.name for a in node.names}
                 assert got <= {"KVCache", "LayerSpec", "Traits", "attention_mask", "build"}, (
                     path.name, got)
+
+
+def test_a_cache_that_reuses_slots_must_say_where_its_tokens_are():
+    class Ring(ListCache):
+        traits = Traits(reuses_slots=True)
+
+    with pytest.raises(NotImplementedError, match="reuses slots.*write slot_positions"):
+        Ring().slot_positions()
+    assert ListCache().slot_positions() == []  # appending: slot p holds position p
+    for name, cls in STRATEGIES.items():
+        if cls.traits.reuses_slots:
+            assert "slot_positions" in vars(cls), name

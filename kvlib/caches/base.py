@@ -93,7 +93,11 @@ class KVCache(nn.Module):
 
     def slot_positions(self) -> list[int]:
         """The position of the token each slot of the key buffer holds, in slot order, -1 for a
-        slot not written yet (pictures and tests). Caches that append keep position p in slot p."""
+        slot not written yet (pictures and tests). Caches that append keep position p in slot p;
+        one whose traits say ``reuses_slots`` must say where its tokens are."""
+        if self.traits.reuses_slots:
+            raise NotImplementedError(f"{type(self).__name__} reuses slots (its traits say so), so "
+                                      "slot p does not hold position p: write slot_positions()")
         keys = getattr(self, "keys", None)
         slots = 0 if keys is None else keys.shape[2]
         return [s if s < self.tokens_held else -1 for s in range(slots)]
