@@ -1,4 +1,4 @@
-"""Attention sinks and the recomputed window (kvlib.streaming), against references written out
+"""Attention sinks and the recomputed window (kvlib.caches.streaming), against references written out
 by hand: StreamingLLM's definition (each query sees the first n_sink tokens and its last window,
 at positions counted inside the cache) computed one (query, key) pair at a time."""
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import kvlib
-from kvlib.models.llama import apply_rope
 from kvlib.caches.streaming import SinkCache, rotate
+from kvlib.models.llama import apply_rope
 
 
 def _positions(t: int, n_sink: int, W: int) -> tuple[list[int], list[int], int]:
