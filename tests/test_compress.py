@@ -1,4 +1,4 @@
-"""kvlib.caches.compressed: quantized keys and values (int8, int4), H2O eviction, the bfloat16 cache."""
+"""kvlib.caches.compressed: int8 and int4 keys and values, H2O eviction, the bfloat16 cache."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Attention sinks and the recomputed window (kvlib.caches.streaming), against references written out
-by hand: StreamingLLM's definition (each query sees the first n_sink tokens and its last window,
+"""Attention sinks and the recomputed window (kvlib.caches.streaming), against references written
+out by hand: StreamingLLM's definition (each query sees the first n_sink tokens and its last window,
 at positions counted inside the cache) computed one (query, key) pair at a time."""
 
 import pytest
