@@ -1,22 +1,122 @@
-"""The paged strategy: one layer's keys and values in the blocks of a pool shared by all layers.
+"""The paged strategy: keys and values in blocks of one storage that every layer shares.
 
-The pool (``kvlib.serving.BlockPool``) owns the storage and the bookkeeping; ``PagedCache`` is one
-layer's view of it, which the engine plugs into the model for its forwards (``model.using``).
+What attention reads, in three small pieces:
+
+- ``BlockStorage``: the tensors, every layer's keys and values for ``num_blocks`` blocks of
+  ``block_size`` tokens, ``(layers, blocks, block_size, kv_heads, head_dim)``; nothing else.
+- ``PagedBatch``: the batch the next forward computes (each row's block table, its new tokens'
+  positions and slots, the mask), set once per forward and read by every layer; vLLM calls it
+  the attention metadata (block tables, slot mapping).
+- ``PagedCache``: one layer's view: it writes the new keys and values into their slots and
+  gathers the batch's blocks for attention.
+
+Who hands out blocks is not here. The engine keeps the books (``kvlib.serving.BlockPool``:
+reference counts, prefix hashes, the free queue) and sets the batch of each forward, rows of any
+lengths.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import KVCache
 
 
-class PagedCache(KVCache):
-    """One layer's keys and values, kept in the blocks of a shared ``BlockPool``.
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive number of tokens, got {block_size!r}"
+                         " (vLLM uses 16)")
 
-    The engine sets the batch (``pool.set_batch``: tables, positions, slots, mask) before each
-    forward; every row may hold a different number of tokens. ``update`` writes the new tokens
-    into their slots and returns the batch's blocks gathered into
+
+def check_num_blocks(num_blocks: int) -> None:
+    if not isinstance(num_blocks, int) or num_blocks <= 0:
+        raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+
+
+class BlockStorage:
+    """Keys and values of every layer for ``num_blocks`` blocks of ``block_size`` tokens. Slot
+    ``s`` of the storage seen as one run of ``num_blocks * block_size`` slots is slot
+    ``s % block_size`` of block ``s // block_size``. Without ``num_blocks`` the tensors are
+    made by the first ``allocate``."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int,
+                 num_blocks: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        check_block_size(block_size)
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.block_size = block_size
+        self.keys: Tensor | None = None  # (L, N, bs, H, D)
+        self.values: Tensor | None = None
+        if num_blocks is not None:
+            self.allocate(num_blocks, dtype, device)
+
+    def allocate(self, num_blocks: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Tensors for ``num_blocks`` blocks, kept if they already are those (same dtype,
+        device, and made in or out of ``torch.inference_mode`` alike: ``generate`` runs in it,
+        and a tensor made there cannot be written outside it)."""
+        check_num_blocks(num_blocks)
+        shape = (self.n_layers, num_blocks, self.block_size, self.n_kv_heads, self.head_dim)
+        held = self.keys
+        if held is not None and held.shape == shape and held.dtype == dtype \
+                and held.device == torch.device(device) \
+                and held.is_inference() == torch.is_inference_mode_enabled():
+            return
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block: keys and values of every layer."""
+        return 0 if self.keys is None else 2 * self.keys[:, 0].numel() * self.keys.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def copy(self, src: int, dst: int) -> None:
+        """Block ``dst`` gets the keys and values of block ``src``, in every layer (the copy of
+        copy-on-write; the books that decide it are the engine's ``BlockPool``)."""
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
+
+
+class PagedBatch:
+    """The batch the next forward computes, set once by ``set`` and read by every layer."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.tables: Tensor | None = None  # (B, n): each row's block table, padded with block 0
+        self.positions: Tensor | None = None  # (B, T): the new tokens' positions in their rows
+        self.write_at: Tensor | None = None  # (B * T,): each new token's slot in the storage
+        self.mask: Tensor | None = None  # (B, 1, T, n * block_size): what each query may see
+
+    def set(self, tables: list[list[int]], starts: list[int], T: int,
+            device: torch.device | str) -> None:
+        """The next forward: row b, with block table ``tables[b]``, holds ``starts[b]`` tokens
+        and brings ``T`` new ones. Everything the layers need is computed here, once per forward,
+        not once per layer."""
+        n, bs = max(len(t) for t in tables), self.block_size
+        self.tables = torch.tensor([t + [0] * (n - len(t)) for t in tables], device=device)
+        start = torch.tensor(starts, device=device)  # (B,)
+        self.positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
+        block = self.tables.gather(1, self.positions // bs)  # (B, T): its block, and in it
+        self.write_at = (block * bs + self.positions % bs).view(-1)  # the slot of the storage
+        slot = torch.arange(n * bs, device=device)  # the gathered keys' slots, in table order
+        self.mask = (slot[None, None, :] <= self.positions[:, :, None])[:, None]  # causal
+
+
+class PagedCache(KVCache):
+    """One layer's keys and values, kept in the blocks of a ``BlockStorage`` shared by all
+    layers.
+
+    The engine sets the batch before each forward (``PagedBatch.set``: tables, positions,
+    slots, mask); every row may hold a different number of tokens. ``update`` writes the new
+    tokens into their slots and returns the batch's blocks gathered into
     ``(B, H, blocks * block_size, D)``; ``batch_mask`` hides each row's empty slots and future
     tokens.
 
@@ -29,38 +129,38 @@ class PagedCache(KVCache):
 
     name = "paged"
 
-    def __init__(self, pool, layer: int) -> None:  # pool: a kvlib.serving.BlockPool
+    def __init__(self, storage: BlockStorage, batch: PagedBatch, layer: int) -> None:
         super().__init__()
-        self.pool, self.layer = pool, layer
+        self.storage, self.batch, self.layer = storage, batch, layer
 
     @property
     def capacity(self) -> int | None:
-        return self.pool.num_blocks * self.pool.block_size
+        return self.storage.num_blocks * self.storage.block_size
 
     @property
     def nbytes(self) -> int:
-        return self.pool.nbytes // self.pool.keys.shape[0]  # this layer's share of the pool
+        return self.storage.nbytes // self.storage.n_layers  # this layer's share of the storage
 
     def next_positions(self, T: int) -> Tensor:
-        return self.pool.positions  # (B, T), set by pool.set_batch
+        return self.batch.positions  # (B, T), set by the engine
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         self._check(keys, values, None)
-        pool = self.pool
-        K, V = pool.keys[self.layer], pool.values[self.layer]  # (N, bs, H, D)
+        storage, batch = self.storage, self.batch
+        K, V = storage.keys[self.layer], storage.values[self.layer]  # (N, bs, H, D)
         B, H, T, D = keys.shape
-        slots = pool.write_at  # (B * T,) into the pool seen as one run of N * bs slots
+        slots = batch.write_at  # (B * T,) into the storage seen as one run of N * bs slots
         K.view(-1, H, D).index_copy_(0, slots, keys.transpose(1, 2).reshape(B * T, H, D))
         V.view(-1, H, D).index_copy_(0, slots, values.transpose(1, 2).reshape(B * T, H, D))
-        n = pool.tables.shape[1]
-        rows = pool.tables.view(-1)  # every row's blocks, in table order
-        S = n * pool.block_size
-        k = K.index_select(0, rows).view(B, S, *K.shape[2:]).transpose(1, 2)  # (B, H, S, D)
-        v = V.index_select(0, rows).view(B, S, *V.shape[2:]).transpose(1, 2)
+        n = batch.tables.shape[1]
+        rows = batch.tables.view(-1)  # every row's blocks, in table order
+        S = n * storage.block_size
+        k = K.index_select(0, rows).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        v = V.index_select(0, rows).view(B, S, H, D).transpose(1, 2)
         self.seen += T
         return k, v
 
     def batch_mask(self, q_len: int, kv_len: int) -> Tensor:
         """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own
         tokens, nothing after (the rest of its last block and the padding of its table)."""
-        return self.pool.mask  # (B, 1, T, S)
+        return self.batch.mask  # (B, 1, T, S)
