@@ -241,6 +241,6 @@ def test_engine_pieces_share_one_storage_and_batch(tiny):
     engine = kvlib.Engine(tiny, block_size=4, num_blocks=6)
     assert engine.storage.keys.shape == (tiny.cfg.n_layers, 6, 4, tiny.cfg.n_heads,
                                          tiny.cfg.head_dim)
-    assert all(c.storage is engine.storage and c.batch is engine.batch
+    assert all(c.storage is engine.storage and c.batch is engine.batch and c.pager is None
                for c in engine.caches)
     assert engine.pool.num_blocks == engine.storage.num_blocks

@@ -6,8 +6,9 @@
 | ``plain.py``    | "none", "concat", "prealloc", "sliding"                                   |
 | ``streaming.py``| "sinks" (attention sinks, StreamingLLM), "recompute" (their baseline)      |
 | ``compressed.py``| "bf16", "quantized" (int8 / int4, KIVI), "evict" (H2O)                   |
-| ``paged.py``    | ``BlockStorage`` (every layer's blocks), ``PagedBatch`` (the next forward's |
-|                 | tables and slots), ``PagedCache`` (one layer's view; the books:            |
+| ``paged.py``    | "paged": ``BlockStorage`` (every layer's blocks), ``PagedBatch`` (the next |
+|                 | forward's tables and slots), ``PagedCache`` (one layer's view) and         |
+|                 | ``RowPager`` (an equal batch's blocks with no engine; the engine's books:  |
 |                 | ``kvlib.serving``)                                                         |
 | ``registry.py`` | ``STRATEGIES``, written out once; ``register``; ``build``                   |
 
@@ -24,7 +25,7 @@ from .compressed import (
     quantize,
     quantized_nbytes,
 )
-from .paged import BlockStorage, PagedBatch, PagedCache
+from .paged import BlockStorage, PagedBatch, PagedCache, RowPager
 from .plain import ConcatCache, NoCache, PreallocCache, SlidingWindowCache
 from .registry import STRATEGIES, build, register, strategy
 from .streaming import N_SINK, RecomputeCache, SinkCache
@@ -32,7 +33,7 @@ from .streaming import N_SINK, RecomputeCache, SinkCache
 __all__ = [
     "BFloat16Cache", "BlockStorage", "ConcatCache", "EvictCache", "KVCache", "LayerSpec",
     "N_SINK", "NoCache", "PagedBatch", "PagedCache", "PreallocCache", "QuantizedCache",
-    "RecomputeCache", "STRATEGIES", "SinkCache", "SlidingWindowCache", "Traits",
+    "RecomputeCache", "RowPager", "STRATEGIES", "SinkCache", "SlidingWindowCache", "Traits",
     "attention_mask", "build", "dequantize", "quantize", "quantized_nbytes", "register",
     "strategy",
 ]

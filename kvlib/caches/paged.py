@@ -12,15 +12,19 @@ What attention reads, in three small pieces:
 
 Who hands out blocks is not here. The engine keeps the books (``kvlib.serving.BlockPool``:
 reference counts, prefix hashes, the free queue) and sets the batch of each forward, rows of any
-lengths.
+lengths. With no engine around (``cache="paged"``) a ``RowPager`` does it for a batch whose rows
+all hold the same tokens: each row takes the next unused block when it needs one, and nothing is
+shared or freed until the next text.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .base import KVCache
+from .base import KVCache, LayerSpec, Traits
 
 
 def check_block_size(block_size: int) -> None:
@@ -110,15 +114,60 @@ class PagedBatch:
         self.mask = (slot[None, None, :] <= self.positions[:, :, None])[:, None]  # causal
 
 
+class RowPager:
+    """The block tables of a batch whose rows all hold the same tokens, when no engine is
+    around: every row has ``blocks_per_row`` blocks of the storage to take from (``max_len``
+    tokens), takes the next unused one when it needs one, and gives nothing back until the next
+    text (the engine's ``BlockPool`` shares and frees). The view of layer 0 calls ``advance``
+    once per forward, before it writes."""
+
+    def __init__(self, storage: BlockStorage, batch: PagedBatch, max_len: int) -> None:
+        if not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive number of tokens, got {max_len!r}")
+        self.storage, self.batch = storage, batch
+        self.blocks_per_row = math.ceil(max_len / storage.block_size)
+        self.tables: list[list[int]] = []  # each row's blocks
+        self.handed_out = 0  # blocks taken since the text began: the next one to take
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each row can hold."""
+        return self.blocks_per_row * self.storage.block_size
+
+    def advance(self, keys: Tensor, start: int) -> None:
+        """The batch of the forward that brings ``keys``' ``T`` tokens, every row at ``start``."""
+        B, _, T, _ = keys.shape
+        if start == 0:  # a new text: storage for every row, empty tables
+            self.storage.allocate(B * self.blocks_per_row, keys.dtype, keys.device)
+            self.tables, self.handed_out = [[] for _ in range(B)], 0
+        elif B != len(self.tables):
+            raise ValueError(f"the cache holds batch size {len(self.tables)} but got keys of "
+                             f"shape {tuple(keys.shape)}; call model.reset_kv_cache() before a "
+                             "new batch")
+        if start + T > self.capacity:
+            raise RuntimeError(
+                f"PagedCache is full: each row holds {start} of {self.capacity} tokens and cannot "
+                f"take {T} more; set it up with a larger max_len "
+                "(model.set_kv_cache('paged', max_len=...)) or call model.reset_kv_cache()")
+        need = math.ceil((start + T) / self.storage.block_size)
+        while len(self.tables[0]) < need:  # each row its next block, in turn
+            for table in self.tables:
+                table.append(self.handed_out)
+                self.handed_out += 1
+        self.batch.set(self.tables, [start] * B, T, keys.device)
+
+
 class PagedCache(KVCache):
     """One layer's keys and values, kept in the blocks of a ``BlockStorage`` shared by all
     layers.
 
-    The engine sets the batch before each forward (``PagedBatch.set``: tables, positions,
-    slots, mask); every row may hold a different number of tokens. ``update`` writes the new
-    tokens into their slots and returns the batch's blocks gathered into
+    Whoever drives the batch sets it before each forward (``PagedBatch.set``: tables,
+    positions, slots, mask): the engine, whose rows may each hold a different number of tokens,
+    or, for ``cache="paged"``, the ``RowPager`` that the view of layer 0 calls. ``update``
+    writes the new tokens into their slots and returns the batch's blocks gathered into
     ``(B, H, blocks * block_size, D)``; ``batch_mask`` hides each row's empty slots and future
-    tokens.
+    tokens. (Under a ``RowPager`` every row holds the same tokens, so the gathered keys are cut
+    to the filled slots and attention needs no mask, as for "prealloc".)
 
     Why gather: PyTorch has no attention kernel that reads keys through a block table (vLLM and
     FlashInfer write their own, which read each block where it lies). The gather is one copy of
@@ -128,24 +177,59 @@ class PagedCache(KVCache):
     """
 
     name = "paged"
+    traits = Traits(takes_padding=False)  # rows of different lengths: kvlib.Engine
+    options_hint = "block_size= (tokens per block; vLLM uses 16), max_len= (tokens per row)"
 
-    def __init__(self, storage: BlockStorage, batch: PagedBatch, layer: int) -> None:
+    def __init__(self, storage: BlockStorage, batch: PagedBatch, layer: int,
+                 pager: RowPager | None = None) -> None:
         super().__init__()
         self.storage, self.batch, self.layer = storage, batch, layer
+        self.pager = pager  # None: an engine sets the batch
+
+    @classmethod
+    def for_layers(cls, layers: list[LayerSpec], block_size: int = 16,
+                   max_len: int | None = None) -> list[PagedCache]:
+        """``cache="paged"`` without an engine: one storage for every layer, ``max_len`` tokens
+        per row (default: the context length), and one view per layer; the view of layer 0
+        pages the rows of an equal-length batch (``RowPager``)."""
+        first = layers[0]
+        if any((s.n_kv_heads, s.head_dim) != (first.n_kv_heads, first.head_dim) for s in layers):
+            raise ValueError("one block storage serves layers of one shape: every layer must "
+                             "have the same key/value heads and head size")
+        storage = BlockStorage(len(layers), first.n_kv_heads, first.head_dim, block_size)
+        batch = PagedBatch(block_size)
+        pager = RowPager(storage, batch, max_len or first.context_length)
+        return [cls(storage, batch, i, pager) for i in range(len(layers))]
+
+    @classmethod
+    def for_layer(cls, layer: LayerSpec, block_size: int = 16,
+                  max_len: int | None = None) -> PagedCache:
+        """A paged cache for one layer alone, with a storage of its own."""
+        return cls.for_layers([layer], block_size, max_len)[0]
 
     @property
     def capacity(self) -> int | None:
+        """Tokens it can hold: per row under a ``RowPager``, in all under an engine."""
+        if self.pager is not None:
+            return self.pager.capacity
         return self.storage.num_blocks * self.storage.block_size
 
     @property
     def nbytes(self) -> int:
         return self.storage.nbytes // self.storage.n_layers  # this layer's share of the storage
 
-    def next_positions(self, T: int) -> Tensor:
+    def next_positions(self, T: int) -> Tensor | None:
+        if self.pager is not None:
+            return None  # every row continues at get_seq_length()
         return self.batch.positions  # (B, T), set by the engine
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         self._check(keys, values, None)
+        if self.pager is not None and self.layer == 0:  # this forward's batch, for every layer
+            if self.pad is not None:
+                raise ValueError("the paged cache alone takes rows of equal length: serve "
+                                 "prompts of different lengths with kvlib.Engine")
+            self.pager.advance(keys, self.seen)
         storage, batch = self.storage, self.batch
         K, V = storage.keys[self.layer], storage.values[self.layer]  # (N, bs, H, D)
         B, H, T, D = keys.shape
@@ -158,9 +242,13 @@ class PagedCache(KVCache):
         k = K.index_select(0, rows).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
         v = V.index_select(0, rows).view(B, S, H, D).transpose(1, 2)
         self.seen += T
+        if self.pager is not None:  # rows of equal length: their filled slots, in order
+            return k[:, :, : self.seen], v[:, :, : self.seen]
         return k, v
 
-    def batch_mask(self, q_len: int, kv_len: int) -> Tensor:
+    def batch_mask(self, q_len: int, kv_len: int) -> Tensor | None:
         """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own
         tokens, nothing after (the rest of its last block and the padding of its table)."""
+        if self.pager is not None:
+            return None  # the filled slots only: plain causal attention
         return self.batch.mask  # (B, 1, T, S)

@@ -21,7 +21,8 @@ cuts memory into pages:
   holds every layer's keys and values under the pool's block ids, ``PagedBatch`` the next
   forward's tables, positions and slots, and ``PagedCache`` is one layer's view of both.
   Attention gathers a batch's blocks into one ``(B, H, blocks * block_size, D)`` tensor per step
-  (see ``PagedCache.update`` for why). The pool holds no tensors.
+  (see ``PagedCache.update`` for why). The pool holds no tensors. One prompt, or a batch of
+  equal length, needs no engine: ``kvlib.generate(model, ids, n, cache="paged", block_size=16)``.
 - ``Engine`` runs requests with **continuous batching**: at every step, requests that have
   arrived join as soon as the pool can promise them every block they may need, each request gets
   one new token, and a finished request leaves at once and frees its blocks for the next.
