@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .caches import KVCache
+from .caches import KVCache, LayerSpec
+from .caches.registry import parameters
 from .generate import generate
 from .models import CausalLM, GPTConfig, GPTModel
 
@@ -39,11 +40,11 @@ class Check:
 
 def check_cache(cache_cls: type, *, window: int | None = None, max_len: int = 64,
                 verbose: bool = True) -> list[Check]:
-    """Check a cache class (a ``kvlib.KVCache`` subclass, constructed with no arguments,
-    ``max_len=`` or ``window=`` as its ``__init__`` asks). Prints a line per passed check when
-    ``verbose``; raises ``CacheCheckError`` with a hint at the first failure; returns the checks
-    that passed."""
-    make = _factory(cache_cls, window, max_len)
+    """Check a cache class (a ``kvlib.KVCache`` subclass, built as a model builds it, with no
+    option, ``max_len=`` or ``window=`` as its ``__init__`` or ``for_layer`` asks). Prints a
+    line per passed check when ``verbose``; raises ``CacheCheckError`` with a hint at the first
+    failure; returns the checks that passed."""
+    make = _Maker(cache_cls, window, max_len)
     W = getattr(make(), "window", None)
     passed: list[Check] = []
 
@@ -67,13 +68,29 @@ def check_cache(cache_cls: type, *, window: int | None = None, max_len: int = 64
     return passed
 
 
-def _factory(cache_cls: type, window: int | None, max_len: int) -> Callable[[], KVCache]:
-    params = inspect.signature(cache_cls).parameters
-    if "window" in params:
-        return lambda: cache_cls(window=window or 8)
-    if "max_len" in params:
-        return lambda: cache_cls(max_len=max_len)
-    return cache_cls
+class _Maker:
+    """The reader's caches, built as a model builds them: ``make()`` one alone (the checks of
+    ``update`` and ``reset``), ``make.for_model(model)`` one per layer from the model's layer
+    specs (``for_layers``: a strategy whose layers share one storage, "paged", gets one)."""
+
+    def __init__(self, cache_cls: type, window: int | None, max_len: int) -> None:
+        self.built = isinstance(cache_cls, type) and issubclass(cache_cls, KVCache)
+        params = parameters(cache_cls) if self.built else inspect.signature(cache_cls).parameters
+        self.options = ({"window": window or 8} if "window" in params
+                        else {"max_len": max_len} if "max_len" in params else {})
+        self.cls, self.max_len = cache_cls, max_len
+
+    def __call__(self) -> KVCache:
+        spec = LayerSpec(n_kv_heads=2, head_dim=4, context_length=self.max_len)  # as _kv's
+        return self._for_specs([spec])[0]
+
+    def for_model(self, model: CausalLM) -> list[KVCache]:
+        return self._for_specs(model.layer_specs())
+
+    def _for_specs(self, specs: list[LayerSpec]) -> list[KVCache]:
+        if self.built:
+            return self.cls.for_layers(specs, **self.options)
+        return [self.cls(**self.options) for _ in specs]  # not a KVCache: the interface says
 
 
 def _fail(message: str) -> None:
@@ -85,7 +102,7 @@ def _kv(tokens: int, seed: int) -> tuple[Tensor, Tensor]:
     return tuple(torch.randn(1, 2, tokens, 4, generator=g) for _ in "kv")  # (B, H, T, D)
 
 
-def _check_interface(make: Callable[[], KVCache]) -> str:
+def _check_interface(make: _Maker) -> str:
     cache = make()
     if not isinstance(cache, KVCache):
         _fail(f"{type(cache).__name__} is not a kvlib.KVCache: subclass it "
@@ -106,7 +123,7 @@ def _update(cache: KVCache, keys: Tensor, values: Tensor, when: str) -> tuple[Te
     return out
 
 
-def _check_update(make: Callable[[], KVCache], W: int | None) -> str:
+def _check_update(make: _Maker, W: int | None) -> str:
     cache = make()
     k, v = _kv(5, seed=1)
     keys, values = _update(cache, k, v, "after a prefill of 5 tokens")
@@ -132,7 +149,7 @@ def _check_update(make: Callable[[], KVCache], W: int | None) -> str:
     return f"a prefill returns its 5 keys, one more token returns {want}; length 6"
 
 
-def _check_reset(make: Callable[[], KVCache]) -> str:
+def _check_reset(make: _Maker) -> str:
     cache = make()
     _update(cache, *_kv(5, seed=3), "after a prefill of 5 tokens")
     cache.reset()
@@ -158,9 +175,9 @@ def _prompt_lengths(W: int | None) -> list[int]:
     return [5, 12] if W is None else sorted({max(1, W - 1), W, W + 1, 2 * W + 3})
 
 
-def _fresh(model: CausalLM, make: Callable[[], KVCache]) -> list[KVCache]:
+def _fresh(model: CausalLM, make: _Maker) -> list[KVCache]:
     """One new cache of the reader's class per layer (plugged in with ``model.using``)."""
-    return [make() for _ in model.attention_layers]
+    return make.for_model(model)
 
 
 @torch.no_grad()
@@ -176,7 +193,7 @@ def _cached_tokens(model: CausalLM, caches: list[KVCache], prompt: Tensor,
     return out
 
 
-def _check_tokens(model: CausalLM, make: Callable[[], KVCache], W: int | None,
+def _check_tokens(model: CausalLM, make: _Maker, W: int | None,
                   prompt_len: int) -> str:
     n = 2 * (W or 8) + 4  # decode well past the window
     g = torch.Generator().manual_seed(prompt_len)
@@ -193,7 +210,7 @@ def _check_tokens(model: CausalLM, make: Callable[[], KVCache], W: int | None,
 
 
 @torch.no_grad()
-def _check_logits(model: CausalLM, make: Callable[[], KVCache], W: int | None) -> str:
+def _check_logits(model: CausalLM, make: _Maker, W: int | None) -> str:
     T = 3 * (W or 8)
     seq = torch.randint(0, model.cfg.vocab_size, (1, T),
                         generator=torch.Generator().manual_seed(9))
@@ -218,7 +235,7 @@ def _window_hint(W: int | None, pos: int) -> str:
             "tokens.")
 
 
-def _check_nbytes(model: CausalLM, make: Callable[[], KVCache], W: int | None,
+def _check_nbytes(model: CausalLM, make: _Maker, W: int | None,
                   max_len: int) -> str:
     tokens = 10
     caches = _fresh(model, make)

@@ -229,8 +229,8 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     ``window``; with None, ``window`` masks the recomputation to the same span), "sinks"
     (``window`` and ``n_sink``, RoPE models), "recompute" (the last ``window`` tokens,
     recomputed each step), "bf16", "quantized" (``bits=8`` or ``4``, ``group_size``,
-    ``residual``) or "evict" (``budget``, ``n_sink``, ``window``; see ``kvlib.caches``), or a
-    name registered with ``kvlib.caches.register``;
+    ``residual``), "evict" (``budget``, ``n_sink``, ``window``) or "paged" (``block_size``; see
+    ``kvlib.caches``), or a name registered with ``kvlib.caches.register``;
     ``cache_options`` go to the cache class. temperature 0 is greedy;
     otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
     Stops early once every sequence has produced ``eos_id``.

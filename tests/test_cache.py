@@ -272,3 +272,62 @@ def test_keys_of_wrong_dtype_or_device(cls, kw):
 def test_prealloc_max_len_not_positive():
     with pytest.raises(ValueError, match="max_len must be a positive"):
         kvlib.PreallocCache(0)
+
+
+# --- "paged" on its own: one storage for every layer, blocks taken as the text grows ------------
+
+def _paged_model(make_model, make_llama, preset):
+    return make_llama(preset) if "llama" in preset else make_model(preset)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_paged_equals_recomputation(make_model, make_llama, preset, block_size):
+    model = _paged_model(make_model, make_llama, preset)
+    prompts = torch.randint(0, model.cfg.vocab_size, (2, 5),
+                            generator=torch.Generator().manual_seed(4))
+    for prompt in (prompts[:1], prompts):  # a single prompt, an equal-length batch
+        ref = kvlib.generate(model, prompt, 30)
+        assert _min_margin(model, ref.tokens, 5) > 1e-4
+        out = kvlib.generate(model, prompt, 30, cache="paged", block_size=block_size)
+        assert torch.equal(out.tokens, ref.tokens)
+    seq = torch.randint(0, model.cfg.vocab_size, (2, 40),
+                        generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(seq)
+        model.set_kv_cache("paged", block_size=block_size)
+        got = torch.cat([model(seq[:, :6], use_cache=True)]
+                        + [model(seq[:, t : t + 1], use_cache=True) for t in range(6, 40)], dim=1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+
+
+def test_paged_blocks_are_taken_as_the_rows_grow(tiny):
+    kvlib.generate(tiny, torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), 10, cache="paged",
+                   block_size=4)  # 5 + 9 tokens cached per row: 4 blocks each, in turn
+    caches = tiny.caches
+    pager = caches[0].pager
+    assert pager.tables == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert all(c.storage is caches[0].storage and c.batch is caches[0].batch for c in caches)
+    assert tiny.pos == 14 and caches[0].capacity == 16  # max_len = 15 tokens, whole blocks
+    cfg = tiny.cfg
+    per_token = 2 * cfg.n_heads * cfg.head_dim * 4  # one layer, float32
+    assert caches[0].nbytes == 2 * 16 * per_token
+    assert tiny.kv_cache_nbytes == cfg.n_layers * caches[0].nbytes
+
+
+def test_paged_full_and_bad_options(tiny):
+    tiny.set_kv_cache("paged", block_size=4, max_len=8)
+    with torch.no_grad():
+        tiny(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), use_cache=True)
+        with pytest.raises(RuntimeError, match=r"PagedCache is full: each row holds 8 of 8"):
+            tiny(torch.tensor([[9]]), use_cache=True)
+        tiny.set_kv_cache("paged", block_size=4)
+        tiny(torch.tensor([[1, 2], [3, 4]]), use_cache=True)
+        with pytest.raises(ValueError, match=r"batch size 2.*reset_kv_cache.* before a new batch"):
+            tiny(torch.tensor([[5]]), use_cache=True)
+    with pytest.raises(ValueError, match="block_size must be a positive"):
+        tiny.set_kv_cache("paged", block_size=0)
+    with pytest.raises(ValueError, match="takes no option bits.*block_size"):
+        tiny.set_kv_cache("paged", bits=8)
+    with pytest.raises(ValueError, match="prompts of different lengths.*kvlib.Engine"):
+        kvlib.generate(tiny, [torch.tensor([1, 2, 3]), torch.tensor([4])], 2, cache="paged")

@@ -9,7 +9,8 @@ from kvlib.check import CacheCheckError, check_cache
 
 @pytest.mark.parametrize("cls,window", [(kvlib.ConcatCache, None), (kvlib.PreallocCache, None),
                                         (kvlib.SlidingWindowCache, 4),
-                                        (kvlib.SlidingWindowCache, 8)])
+                                        (kvlib.SlidingWindowCache, 8),
+                                        (kvlib.PagedCache, None)])
 def test_kvlib_caches_pass(cls, window, capsys):
     passed = check_cache(cls, window=window)
     names = [c.name for c in passed]

@@ -94,10 +94,10 @@ def test_top_k_not_positive(tiny, top_k):
 
 
 def test_unknown_cache_name(tiny):
-    with pytest.raises(ValueError, match=r"unknown cache 'paged'; choose None or one of"):
-        kvlib.generate(tiny, P, 5, cache="paged")
-    with pytest.raises(ValueError, match="unknown cache 'paged'"):
-        tiny.set_kv_cache("paged")
+    with pytest.raises(ValueError, match=r"unknown cache 'radix'; choose None or one of"):
+        kvlib.generate(tiny, P, 5, cache="radix")
+    with pytest.raises(ValueError, match="unknown cache 'radix'"):
+        tiny.set_kv_cache("radix")
 
 
 def test_negative_max_new_tokens(tiny):

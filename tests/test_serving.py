@@ -178,7 +178,7 @@ def test_stats_count_bytes(tiny):
     engine = kvlib.Engine(tiny, block_size=4, num_blocks=8)
     engine.add_request(torch.tensor([1, 2, 3, 4, 5, 6]), 3)  # 6 tokens: 2 blocks, 6 slots used
     engine.step()
-    s, per_token = engine.stats, engine.pool.block_nbytes // 4
+    s, per_token = engine.stats, engine.storage.block_nbytes // 4
     cfg = tiny.cfg
     assert per_token == 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 4  # float32
     assert s["blocks_used"] == 2 and s["bytes_reserved"] == 2 * 4 * per_token
@@ -217,3 +217,30 @@ def test_llama_engine_past_context_warns_once(make_llama):
         out = engine.run()
     assert sum("past the" in str(w.message) for w in caught) == 1
     assert torch.equal(out[0], _alone(model, torch.arange(12), 8))
+
+
+def test_the_pool_keeps_books_and_no_tensors():
+    """Ids, references, prefixes and the free queue: the keys and values are the storage's."""
+    pool = kvlib.BlockPool(block_size=4, num_blocks=3)
+    assert not any(isinstance(v, torch.Tensor) for v in vars(pool).values())
+    a, b = pool.allocate(), pool.allocate()
+    assert (a, b) == (0, 1) and list(pool.free) == [2]
+    h = pool.register(a, 0, (1, 2, 3, 4))
+    pool.share(a)
+    new = pool.copy_on_write(a)  # the books' half: the engine copies the tensors
+    assert new == 2 and pool.refs == [1, 1, 1]
+    pool.release(a)
+    assert list(pool.free) == [0] and pool.lookup(0, (1, 2, 3, 4)) == a  # freed, still findable
+    assert pool.lookup(h, (1, 2, 3, 4)) is None
+    with pytest.raises(RuntimeError, match="not shared"):
+        pool.copy_on_write(b)
+    assert pool.allocate() == a and pool.lookup(0, (1, 2, 3, 4)) is None  # reused: forgotten
+
+
+def test_engine_pieces_share_one_storage_and_batch(tiny):
+    engine = kvlib.Engine(tiny, block_size=4, num_blocks=6)
+    assert engine.storage.keys.shape == (tiny.cfg.n_layers, 6, 4, tiny.cfg.n_heads,
+                                         tiny.cfg.head_dim)
+    assert all(c.storage is engine.storage and c.batch is engine.batch and c.pager is None
+               for c in engine.caches)
+    assert engine.pool.num_blocks == engine.storage.num_blocks

@@ -253,7 +253,7 @@ def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
     model.reset_kv_cache()
     wanted = sum(m for _, m in work)
     tps = {w: wanted / statistics.median(t) for w, t in times.items()}
-    per_token = shared_engine.pool.block_nbytes // block_size
+    per_token = shared_engine.storage.block_nbytes // block_size
     memory = _memory(shared_engine, work, static_slots, per_token)
     hits = shared_engine.stats["prefix_hit_tokens"]
     prefix = {"prefill_s_with": statistics.median(prefill_s[True]),

@@ -6,7 +6,10 @@
 | ``plain.py``    | "none", "concat", "prealloc", "sliding"                                   |
 | ``streaming.py``| "sinks" (attention sinks, StreamingLLM), "recompute" (their baseline)      |
 | ``compressed.py``| "bf16", "quantized" (int8 / int4, KIVI), "evict" (H2O)                   |
-| ``paged.py``    | ``PagedCache``: one layer's view of a block pool (``kvlib.serving``)        |
+| ``paged.py``    | "paged": ``BlockStorage`` (every layer's blocks), ``PagedBatch`` (the next |
+|                 | forward's tables and slots), ``PagedCache`` (one layer's view) and         |
+|                 | ``RowPager`` (an equal batch's blocks with no engine; the engine's books:  |
+|                 | ``kvlib.serving``)                                                         |
 | ``registry.py`` | ``STRATEGIES``, written out once; ``register``; ``build``                   |
 
 A new strategy: a ``KVCache`` subclass in the module of its family, with its ``traits``, and one
@@ -22,14 +25,15 @@ from .compressed import (
     quantize,
     quantized_nbytes,
 )
-from .paged import PagedCache
+from .paged import BlockStorage, PagedBatch, PagedCache, RowPager
 from .plain import ConcatCache, NoCache, PreallocCache, SlidingWindowCache
 from .registry import STRATEGIES, build, register, strategy
 from .streaming import N_SINK, RecomputeCache, SinkCache
 
 __all__ = [
-    "BFloat16Cache", "ConcatCache", "EvictCache", "KVCache", "LayerSpec", "N_SINK", "NoCache",
-    "PagedCache", "PreallocCache", "QuantizedCache", "RecomputeCache", "STRATEGIES",
-    "SinkCache", "SlidingWindowCache", "Traits", "attention_mask", "build", "dequantize",
-    "quantize", "quantized_nbytes", "register", "strategy",
+    "BFloat16Cache", "BlockStorage", "ConcatCache", "EvictCache", "KVCache", "LayerSpec",
+    "N_SINK", "NoCache", "PagedBatch", "PagedCache", "PreallocCache", "QuantizedCache",
+    "RecomputeCache", "RowPager", "STRATEGIES", "SinkCache", "SlidingWindowCache", "Traits",
+    "attention_mask", "build", "dequantize", "quantize", "quantized_nbytes", "register",
+    "strategy",
 ]

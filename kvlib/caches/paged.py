@@ -1,24 +1,173 @@
-"""The paged strategy: one layer's keys and values in the blocks of a pool shared by all layers.
+"""The paged strategy: keys and values in blocks of one storage that every layer shares.
 
-The pool (``kvlib.serving.BlockPool``) owns the storage and the bookkeeping; ``PagedCache`` is one
-layer's view of it, which the engine plugs into the model for its forwards (``model.using``).
+What attention reads, in three small pieces:
+
+- ``BlockStorage``: the tensors, every layer's keys and values for ``num_blocks`` blocks of
+  ``block_size`` tokens, ``(layers, blocks, block_size, kv_heads, head_dim)``; nothing else.
+- ``PagedBatch``: the batch the next forward computes (each row's block table, its new tokens'
+  positions and slots, the mask), set once per forward and read by every layer; vLLM calls it
+  the attention metadata (block tables, slot mapping).
+- ``PagedCache``: one layer's view: it writes the new keys and values into their slots and
+  gathers the batch's blocks for attention.
+
+Who hands out blocks is not here. The engine keeps the books (``kvlib.serving.BlockPool``:
+reference counts, prefix hashes, the free queue) and sets the batch of each forward, rows of any
+lengths. With no engine around (``cache="paged"``) a ``RowPager`` does it for a batch whose rows
+all hold the same tokens: each row takes the next unused block when it needs one, and nothing is
+shared or freed until the next text.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
-from .base import KVCache
+from .base import KVCache, LayerSpec, Traits
+
+
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive number of tokens, got {block_size!r}"
+                         " (vLLM uses 16)")
+
+
+def check_num_blocks(num_blocks: int) -> None:
+    if not isinstance(num_blocks, int) or num_blocks <= 0:
+        raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+
+
+class BlockStorage:
+    """Keys and values of every layer for ``num_blocks`` blocks of ``block_size`` tokens. Slot
+    ``s`` of the storage seen as one run of ``num_blocks * block_size`` slots is slot
+    ``s % block_size`` of block ``s // block_size``. Without ``num_blocks`` the tensors are
+    made by the first ``allocate``."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int,
+                 num_blocks: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        check_block_size(block_size)
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.block_size = block_size
+        self.keys: Tensor | None = None  # (L, N, bs, H, D)
+        self.values: Tensor | None = None
+        if num_blocks is not None:
+            self.allocate(num_blocks, dtype, device)
+
+    def allocate(self, num_blocks: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Tensors for ``num_blocks`` blocks, kept if they already are those (same dtype,
+        device, and made in or out of ``torch.inference_mode`` alike: ``generate`` runs in it,
+        and a tensor made there cannot be written outside it)."""
+        check_num_blocks(num_blocks)
+        shape = (self.n_layers, num_blocks, self.block_size, self.n_kv_heads, self.head_dim)
+        held = self.keys
+        if held is not None and held.shape == shape and held.dtype == dtype \
+                and held.device == torch.device(device) \
+                and held.is_inference() == torch.is_inference_mode_enabled():
+            return
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block: keys and values of every layer."""
+        return 0 if self.keys is None else 2 * self.keys[:, 0].numel() * self.keys.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def copy(self, src: int, dst: int) -> None:
+        """Block ``dst`` gets the keys and values of block ``src``, in every layer (the copy of
+        copy-on-write; the books that decide it are the engine's ``BlockPool``)."""
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
+
+
+class PagedBatch:
+    """The batch the next forward computes, set once by ``set`` and read by every layer."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.tables: Tensor | None = None  # (B, n): each row's block table, padded with block 0
+        self.positions: Tensor | None = None  # (B, T): the new tokens' positions in their rows
+        self.write_at: Tensor | None = None  # (B * T,): each new token's slot in the storage
+        self.mask: Tensor | None = None  # (B, 1, T, n * block_size): what each query may see
+
+    def set(self, tables: list[list[int]], starts: list[int], T: int,
+            device: torch.device | str) -> None:
+        """The next forward: row b, with block table ``tables[b]``, holds ``starts[b]`` tokens
+        and brings ``T`` new ones. Everything the layers need is computed here, once per forward,
+        not once per layer."""
+        n, bs = max(len(t) for t in tables), self.block_size
+        self.tables = torch.tensor([t + [0] * (n - len(t)) for t in tables], device=device)
+        start = torch.tensor(starts, device=device)  # (B,)
+        self.positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
+        block = self.tables.gather(1, self.positions // bs)  # (B, T): its block, and in it
+        self.write_at = (block * bs + self.positions % bs).view(-1)  # the slot of the storage
+        slot = torch.arange(n * bs, device=device)  # the gathered keys' slots, in table order
+        self.mask = (slot[None, None, :] <= self.positions[:, :, None])[:, None]  # causal
+
+
+class RowPager:
+    """The block tables of a batch whose rows all hold the same tokens, when no engine is
+    around: every row has ``blocks_per_row`` blocks of the storage to take from (``max_len``
+    tokens), takes the next unused one when it needs one, and gives nothing back until the next
+    text (the engine's ``BlockPool`` shares and frees). The view of layer 0 calls ``advance``
+    once per forward, before it writes."""
+
+    def __init__(self, storage: BlockStorage, batch: PagedBatch, max_len: int) -> None:
+        if not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive number of tokens, got {max_len!r}")
+        self.storage, self.batch = storage, batch
+        self.blocks_per_row = math.ceil(max_len / storage.block_size)
+        self.tables: list[list[int]] = []  # each row's blocks
+        self.handed_out = 0  # blocks taken since the text began: the next one to take
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each row can hold."""
+        return self.blocks_per_row * self.storage.block_size
+
+    def advance(self, keys: Tensor, start: int) -> None:
+        """The batch of the forward that brings ``keys``' ``T`` tokens, every row at ``start``."""
+        B, _, T, _ = keys.shape
+        if start == 0:  # a new text: storage for every row, empty tables
+            self.storage.allocate(B * self.blocks_per_row, keys.dtype, keys.device)
+            self.tables, self.handed_out = [[] for _ in range(B)], 0
+        elif B != len(self.tables):
+            raise ValueError(f"the cache holds batch size {len(self.tables)} but got keys of "
+                             f"shape {tuple(keys.shape)}; call model.reset_kv_cache() before a "
+                             "new batch")
+        if start + T > self.capacity:
+            raise RuntimeError(
+                f"PagedCache is full: each row holds {start} of {self.capacity} tokens and cannot "
+                f"take {T} more; set it up with a larger max_len "
+                "(model.set_kv_cache('paged', max_len=...)) or call model.reset_kv_cache()")
+        need = math.ceil((start + T) / self.storage.block_size)
+        while len(self.tables[0]) < need:  # each row its next block, in turn
+            for table in self.tables:
+                table.append(self.handed_out)
+                self.handed_out += 1
+        self.batch.set(self.tables, [start] * B, T, keys.device)
 
 
 class PagedCache(KVCache):
-    """One layer's keys and values, kept in the blocks of a shared ``BlockPool``.
+    """One layer's keys and values, kept in the blocks of a ``BlockStorage`` shared by all
+    layers.
 
-    The engine sets the batch (``pool.set_batch``: tables, positions, slots, mask) before each
-    forward; every row may hold a different number of tokens. ``update`` writes the new tokens
-    into their slots and returns the batch's blocks gathered into
+    Whoever drives the batch sets it before each forward (``PagedBatch.set``: tables,
+    positions, slots, mask): the engine, whose rows may each hold a different number of tokens,
+    or, for ``cache="paged"``, the ``RowPager`` that the view of layer 0 calls. ``update``
+    writes the new tokens into their slots and returns the batch's blocks gathered into
     ``(B, H, blocks * block_size, D)``; ``batch_mask`` hides each row's empty slots and future
-    tokens.
+    tokens. (Under a ``RowPager`` every row holds the same tokens, so the gathered keys are cut
+    to the filled slots and attention needs no mask, as for "prealloc".)
 
     Why gather: PyTorch has no attention kernel that reads keys through a block table (vLLM and
     FlashInfer write their own, which read each block where it lies). The gather is one copy of
@@ -28,39 +177,78 @@ class PagedCache(KVCache):
     """
 
     name = "paged"
+    traits = Traits(takes_padding=False)  # rows of different lengths: kvlib.Engine
+    options_hint = "block_size= (tokens per block; vLLM uses 16), max_len= (tokens per row)"
 
-    def __init__(self, pool, layer: int) -> None:  # pool: a kvlib.serving.BlockPool
+    def __init__(self, storage: BlockStorage, batch: PagedBatch, layer: int,
+                 pager: RowPager | None = None) -> None:
         super().__init__()
-        self.pool, self.layer = pool, layer
+        self.storage, self.batch, self.layer = storage, batch, layer
+        self.pager = pager  # None: an engine sets the batch
+
+    @classmethod
+    def for_layers(cls, layers: list[LayerSpec], block_size: int = 16,
+                   max_len: int | None = None) -> list[PagedCache]:
+        """``cache="paged"`` without an engine: one storage for every layer, ``max_len`` tokens
+        per row (default: the context length), and one view per layer; the view of layer 0
+        pages the rows of an equal-length batch (``RowPager``)."""
+        first = layers[0]
+        if any((s.n_kv_heads, s.head_dim) != (first.n_kv_heads, first.head_dim) for s in layers):
+            raise ValueError("one block storage serves layers of one shape: every layer must "
+                             "have the same key/value heads and head size")
+        storage = BlockStorage(len(layers), first.n_kv_heads, first.head_dim, block_size)
+        batch = PagedBatch(block_size)
+        pager = RowPager(storage, batch, max_len or first.context_length)
+        return [cls(storage, batch, i, pager) for i in range(len(layers))]
+
+    @classmethod
+    def for_layer(cls, layer: LayerSpec, block_size: int = 16,
+                  max_len: int | None = None) -> PagedCache:
+        """A paged cache for one layer alone, with a storage of its own."""
+        return cls.for_layers([layer], block_size, max_len)[0]
 
     @property
     def capacity(self) -> int | None:
-        return self.pool.num_blocks * self.pool.block_size
+        """Tokens it can hold: per row under a ``RowPager``, in all under an engine."""
+        if self.pager is not None:
+            return self.pager.capacity
+        return self.storage.num_blocks * self.storage.block_size
 
     @property
     def nbytes(self) -> int:
-        return self.pool.nbytes // self.pool.keys.shape[0]  # this layer's share of the pool
+        return self.storage.nbytes // self.storage.n_layers  # this layer's share of the storage
 
-    def next_positions(self, T: int) -> Tensor:
-        return self.pool.positions  # (B, T), set by pool.set_batch
+    def next_positions(self, T: int) -> Tensor | None:
+        if self.pager is not None:
+            return None  # every row continues at get_seq_length()
+        return self.batch.positions  # (B, T), set by the engine
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         self._check(keys, values, None)
-        pool = self.pool
-        K, V = pool.keys[self.layer], pool.values[self.layer]  # (N, bs, H, D)
+        if self.pager is not None and self.layer == 0:  # this forward's batch, for every layer
+            if self.pad is not None:
+                raise ValueError("the paged cache alone takes rows of equal length: serve "
+                                 "prompts of different lengths with kvlib.Engine")
+            self.pager.advance(keys, self.seen)
+        storage, batch = self.storage, self.batch
+        K, V = storage.keys[self.layer], storage.values[self.layer]  # (N, bs, H, D)
         B, H, T, D = keys.shape
-        slots = pool.write_at  # (B * T,) into the pool seen as one run of N * bs slots
+        slots = batch.write_at  # (B * T,) into the storage seen as one run of N * bs slots
         K.view(-1, H, D).index_copy_(0, slots, keys.transpose(1, 2).reshape(B * T, H, D))
         V.view(-1, H, D).index_copy_(0, slots, values.transpose(1, 2).reshape(B * T, H, D))
-        n = pool.tables.shape[1]
-        rows = pool.tables.view(-1)  # every row's blocks, in table order
-        S = n * pool.block_size
-        k = K.index_select(0, rows).view(B, S, *K.shape[2:]).transpose(1, 2)  # (B, H, S, D)
-        v = V.index_select(0, rows).view(B, S, *V.shape[2:]).transpose(1, 2)
+        n = batch.tables.shape[1]
+        rows = batch.tables.view(-1)  # every row's blocks, in table order
+        S = n * storage.block_size
+        k = K.index_select(0, rows).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        v = V.index_select(0, rows).view(B, S, H, D).transpose(1, 2)
         self.seen += T
+        if self.pager is not None:  # rows of equal length: their filled slots, in order
+            return k[:, :, : self.seen], v[:, :, : self.seen]
         return k, v
 
-    def batch_mask(self, q_len: int, kv_len: int) -> Tensor:
+    def batch_mask(self, q_len: int, kv_len: int) -> Tensor | None:
         """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own
         tokens, nothing after (the rest of its last block and the padding of its table)."""
-        return self.pool.mask  # (B, 1, T, S)
+        if self.pager is not None:
+            return None  # the filled slots only: plain causal attention
+        return self.batch.mask  # (B, 1, T, S)

@@ -15,6 +15,7 @@ import inspect
 
 from .base import KVCache, LayerSpec
 from .compressed import BFloat16Cache, EvictCache, QuantizedCache
+from .paged import PagedCache
 from .plain import ConcatCache, NoCache, PreallocCache, SlidingWindowCache
 from .streaming import RecomputeCache, SinkCache
 
@@ -28,6 +29,7 @@ STRATEGIES: dict[str, type[KVCache]] = {
     "bf16": BFloat16Cache,  # keys and values in bfloat16 (chapter 10)
     "quantized": QuantizedCache,  # int8 / int4, KIVI-style (chapter 10)
     "evict": EvictCache,  # H2O's heavy hitters (chapter 10)
+    "paged": PagedCache,  # blocks of block_size tokens; many requests: kvlib.Engine (chapter 9)
 }
 
 

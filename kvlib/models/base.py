@@ -132,11 +132,12 @@ class CausalLM(nn.Module):
         """Give every attention layer a fresh cache of one strategy (``kvlib.caches``: any name
         in ``kvlib.caches.STRATEGIES``, a reader's own too once registered).
 
-        ``max_len`` sizes "prealloc" (default: the context length) and is ignored by strategies
-        that do not take it; ``window`` is required by "sliding", "sinks" and "recompute" and
-        optional for "none" (a no-cache model masked to the same window) and "evict" (its recent
-        window); ``options`` go to the cache class (``n_sink=`` for "sinks"; ``bits=``,
-        ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for "evict").
+        ``max_len`` sizes "prealloc" and "paged" (default: the context length) and is ignored by
+        strategies that do not take it; ``window`` is required by "sliding", "sinks" and
+        "recompute" and optional for "none" (a no-cache model masked to the same window) and
+        "evict" (its recent window); ``options`` go to the cache class (``n_sink=`` for "sinks";
+        ``bits=``, ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for
+        "evict"; ``block_size=`` for "paged").
         """
         caches = build(strategy, self.layer_specs(), max_len=max_len, window=window, **options)
         device = next(self.parameters()).device

@@ -5,7 +5,7 @@ possible request wastes most of it (the vLLM paper measured 60-80% of KV memory 
 did). Paging cuts the cache into **blocks** of ``block_size`` tokens, the way an operating system
 cuts memory into pages:
 
-- ``BlockPool`` holds every layer's keys and values for ``num_blocks`` blocks, hands out free
+- ``BlockPool`` (``pool.py``) keeps the books of ``num_blocks`` blocks: it hands out free
   blocks on demand and takes them back when a request ends. A request's **block table** lists its
   blocks in order: token ``t`` lives in block ``table[t // block_size]``, slot
   ``t % block_size``. Only a request's last block is partly empty, so the waste is under one
@@ -15,9 +15,14 @@ cuts memory into pages:
   request whose prompt starts with the same blocks takes them instead of computing them again
   (**prefix caching**). A block whose count drops to 0 is free again but keeps its contents
   until it is handed out, so a later request may still find it. A request that must write into a
-  block that others also use gets its own copy first (**copy-on-write**; ``Engine.fork``).
-- ``PagedCache`` is one layer's view of the pool. Attention gathers a batch's blocks into one
-  ``(B, H, blocks * block_size, D)`` tensor per step (see ``PagedCache.update`` for why).
+  block that others also use gets its own copy first (**copy-on-write**; ``Engine.fork``): the
+  pool gives it a new block id, the storage copies the keys and values.
+- What attention reads lives with the other caches, in ``kvlib.caches.paged``: ``BlockStorage``
+  holds every layer's keys and values under the pool's block ids, ``PagedBatch`` the next
+  forward's tables, positions and slots, and ``PagedCache`` is one layer's view of both.
+  Attention gathers a batch's blocks into one ``(B, H, blocks * block_size, D)`` tensor per step
+  (see ``PagedCache.update`` for why). The pool holds no tensors. One prompt, or a batch of
+  equal length, needs no engine: ``kvlib.generate(model, ids, n, cache="paged", block_size=16)``.
 - ``Engine`` runs requests with **continuous batching**: at every step, requests that have
   arrived join as soon as the pool can promise them every block they may need, each request gets
   one new token, and a finished request leaves at once and frees its blocks for the next.
@@ -26,8 +31,9 @@ Greedy decoding only: the engine is here to show memory and scheduling, and gree
 tests check that every request gets exactly the tokens it gets alone.
 """
 
-from ..caches.paged import PagedCache
+from ..caches.paged import BlockStorage, PagedBatch, PagedCache
 from .engine import Engine, Request, StepRecord
 from .pool import BlockPool
 
-__all__ = ["BlockPool", "Engine", "PagedCache", "Request", "StepRecord"]
+__all__ = ["BlockPool", "BlockStorage", "Engine", "PagedBatch", "PagedCache", "Request",
+           "StepRecord"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..caches.paged import PagedCache
+from ..caches.paged import BlockStorage, PagedBatch, PagedCache
 from ..models import CausalLM, check_token_ids
 from .pool import BlockPool
 
@@ -65,7 +65,11 @@ class Engine:
     token, all of them in one batched forward. ``run()`` steps until every request is done and
     returns ``{request id: prompt + output}``. ``stats`` counts blocks and bytes.
 
-    The model keeps its own caches: the engine puts its paged views in for its forwards only.
+    Three pieces hold the state: ``pool`` (a ``BlockPool``: the books, which blocks are free,
+    shared, findable by prefix), ``storage`` (a ``BlockStorage``: every layer's keys and values,
+    under the same block ids) and ``batch`` (a ``PagedBatch``: the tables, positions and slots of
+    the next forward), which ``caches``, one ``PagedCache`` per layer, read. The model keeps its
+    own caches: the engine puts its paged views in for its forwards only.
     """
 
     def __init__(self, model: CausalLM, block_size: int = 16, num_blocks: int | None = None,
@@ -77,9 +81,12 @@ class Engine:
         p = next(model.parameters())
         self.model, self.eos_id, self.prefix_caching = model, eos_id, prefix_caching
         heads = getattr(cfg, "n_kv_heads", cfg.n_heads)
-        self.pool = BlockPool(cfg.n_layers, heads, cfg.head_dim, block_size, num_blocks,
-                              p.dtype, p.device)
-        self.caches = [PagedCache(self.pool, i) for i in range(cfg.n_layers)]
+        self.pool = BlockPool(block_size, num_blocks)  # the books: ids, references, prefixes
+        self.storage = BlockStorage(cfg.n_layers, heads, cfg.head_dim, block_size, num_blocks,
+                                    p.dtype, p.device)  # the tensors, under the pool's block ids
+        self.batch = PagedBatch(block_size)  # the next forward's tables, positions and slots
+        self.caches = [PagedCache(self.storage, self.batch, i) for i in range(cfg.n_layers)]
+        self.device = p.device
         self.requests: dict[int, Request] = {}
         self.clock = 0  # the next step's number
         self.history: list[StepRecord] = []
@@ -198,8 +205,10 @@ class Engine:
             r.blocks.append(self.pool.allocate())
         first = r.length // bs if r.output else r.cached_tokens // bs
         for i in range(first, len(r.blocks)):
-            if self.pool.refs[r.blocks[i]] > 1:
-                r.blocks[i] = self.pool.copy(r.blocks[i])
+            shared = r.blocks[i]
+            if self.pool.refs[shared] > 1:  # copy-on-write: the books, then the tensors
+                r.blocks[i] = self.pool.copy_on_write(shared)
+                self.storage.copy(shared, r.blocks[i])
 
     def _finish(self, r: Request) -> None:
         for b in r.blocks:
@@ -218,7 +227,7 @@ class Engine:
 
     def _forward(self, rows: list[Request], ids: Tensor, starts: list[int]) -> Tensor:
         """Greedy next tokens ``(B,)`` for ``ids`` ``(B, T)``, row b continuing at ``starts[b]``."""
-        self.pool.set_batch([r.blocks for r in rows], starts, ids.shape[1])
+        self.batch.set([r.blocks for r in rows], starts, ids.shape[1], self.device)
         logits = self.model(ids, use_cache=True, last_only=True, check_ids=False)
         return logits[:, -1].argmax(dim=-1)  # (B,)
 
@@ -236,7 +245,7 @@ class Engine:
                     continue
                 start = time.perf_counter()
                 self._writable(r, len(r.prompt))
-                ids = torch.tensor([r.prompt[r.cached_tokens :]], device=self.pool.keys.device)
+                ids = torch.tensor([r.prompt[r.cached_tokens :]], device=self.device)
                 r.output.append(int(self._forward([r], ids, [r.cached_tokens])[0]))
                 self.prefill_seconds += time.perf_counter() - start
                 self._register_prompt(r)
@@ -247,7 +256,7 @@ class Engine:
                 for r in decoding:
                     self._writable(r, r.length + 1)
                 ids = torch.tensor([[r.output[-1]] for r in decoding],
-                                   device=self.pool.keys.device)  # (B, 1)
+                                   device=self.device)  # (B, 1)
                 nxt = self._forward(decoding, ids, [r.length for r in decoding])
                 for r, t in zip(decoding, nxt.tolist(), strict=True):
                     r.output.append(t)
@@ -290,7 +299,7 @@ class Engine:
         (their filled slots, a shared block once), ``tokens`` (every running request's tokens,
         shared ones counted for each) and ``running`` (requests in the batch)."""
         bs, h = self.pool.block_size, self.history
-        per_token = self.pool.block_nbytes // bs
+        per_token = self.storage.block_nbytes // bs
         return {"paged": [r.stats["blocks_used"] * bs for r in h],
                 "used": [r.stats["bytes_used"] // per_token for r in h],
                 "tokens": [sum(r.filled.values()) for r in h],
@@ -309,13 +318,13 @@ class Engine:
                 continue
             for i, b in enumerate(r.blocks):
                 filled[b] = max(filled.get(b, 0), min(bs, r.length - i * bs))
-        per_token = pool.block_nbytes // bs
+        per_token = self.storage.block_nbytes // bs
         return {
             "blocks_total": pool.num_blocks,
             "blocks_used": len(used),
             "blocks_shared": sum(pool.refs[b] > 1 for b in used),
             "blocks_cached": sum(b in pool.prefix_of for b in pool.free),
-            "bytes_reserved": len(used) * pool.block_nbytes,
+            "bytes_reserved": len(used) * self.storage.block_nbytes,
             "bytes_used": sum(filled.values()) * per_token,
             "prefix_hit_tokens": sum(r.cached_tokens for r in self.requests.values()),
         }
