@@ -23,7 +23,13 @@ from torch import Tensor
 from .caches import KVCache, LayerSpec
 from .caches.registry import parameters
 from .generate import generate
-from .models import CausalLM, GPTConfig, GPTModel
+from .loading import load_model
+from .models import CausalLM, GPTConfig
+
+# The model every check runs on: GPT-2's architecture cut to 2 layers of 2 heads of 16 numbers,
+# with a 512-token vocabulary (no preset is this small: the logits of GPT-2's 50,257 tokens would
+# cost more than the whole model, and the bytes each check prints follow from these shapes).
+CHECK_MODEL = GPTConfig(vocab_size=512, context_length=512, emb_dim=32, n_heads=2, n_layers=2)
 
 TOLERANCE = 1e-5  # teacher-forced logits, float32, against recomputation
 
@@ -164,10 +170,9 @@ def _check_reset(make: _Maker) -> str:
     return "a reset cache starts a new text from nothing"
 
 
-def _model() -> GPTModel:
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, context_length=512, emb_dim=32, n_heads=2, n_layers=2)
-    return GPTModel(cfg).eval()
+def _model() -> CausalLM:
+    """``CHECK_MODEL`` with seeded random weights, through the one loader."""
+    return load_model(CHECK_MODEL, seed=0)
 
 
 def _prompt_lengths(W: int | None) -> list[int]:

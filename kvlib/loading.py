@@ -6,6 +6,7 @@ weights from a checkpoint.
     kvlib.load_model("gpt2", pretrained=True)   # OpenAI's weights (hub, or HF_HUB_OFFLINE cache)
     kvlib.load_model("qwen3-0.6b", pretrained=True)  # Qwen/Qwen3-0.6B from the hub
     kvlib.load_model("/path/to/checkpoint")     # a local Hugging Face folder or .safetensors file
+    kvlib.load_model(GPTConfig(n_layers=2, ...))  # a shape no preset names, seeded random weights
 
 A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama`` or
 ``qwen3``); a GPT-2 file without one is read off its tensor shapes. A folder that also holds a
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .models import PRESETS, CausalLM, GPTModel, build_model
+from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, build_model
 from .vocab import TrimmedTokenizer, is_vocab_file
 
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"  # kvlib/trained/<name>/
@@ -29,8 +30,8 @@ TRAINED = ("mini-gpt2", "mini-llama")  # the presets whose weights kvlib ships
 VOCAB_FILE = "vocab.json"
 
 
-def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool | None = None,
-               seed: int = 123, dtype: torch.dtype = torch.float32,
+def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig = "gpt2",
+               pretrained: bool | None = None, seed: int = 123, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> CausalLM:
     """The model a chapter, test or benchmark uses, in eval mode, on ``device`` in ``dtype``.
 
@@ -39,8 +40,12 @@ def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool | No
     released weights of that name (needs internet once, and the ``pretrained`` extra). The models
     trained here (``"mini-gpt2"``, ``"mini-llama"``) load their shipped weights unless
     ``pretrained=False`` asks for random ones; either way they carry their tokenizer. A local
-    path always loads the weights it holds.
+    path always loads the weights it holds. A config (``GPTConfig``, ``LlamaConfig``) gives seeded
+    random weights of a shape no preset names (``kvlib.check_cache``'s small model).
     """
+    if isinstance(preset_or_path, (GPTConfig, LlamaConfig)):
+        torch.manual_seed(seed)
+        return _ready(build_model(preset_or_path), dtype, device)
     name = os.fspath(preset_or_path)
     is_path = name not in PRESETS and (Path(name).expanduser().exists() or os.sep in name)
     if name in TRAINED and pretrained is not False:
@@ -55,6 +60,11 @@ def load_model(preset_or_path: str | os.PathLike = "gpt2", pretrained: bool | No
     else:
         raise ValueError(f"unknown model {name!r}: pass a preset ({', '.join(PRESETS)}) "
                          "or the path of a local checkpoint")
+    return _ready(model, dtype, device)
+
+
+def _ready(model: CausalLM, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    """The model on ``device`` in ``dtype``, its weights laid out for them, in eval mode."""
     model = model.to(device=device, dtype=dtype)
     model.arrange_weights()  # the memory layout this dtype and device decode fastest
     return model.eval()

@@ -1,10 +1,11 @@
 """Interactive versions of ``kvlib.plots``: the cache explorer, the latency monitor, the memory
 calculator, the compression explorer.
 
-Every widget wraps a plain function of ``kvlib.plots`` and shows its figure as a PNG ``Image``
-widget, so the picture is part of the widget state that a notebook saves. Those functions hand
-the reader's model back as they found it (its own cache objects, position counter, training
-flags, dtype and device), so a widget never changes the model behind the reader's back.
+Every widget calls a function of ``kvlib.measure``, hands what it returns to a plain function of
+``kvlib.plots`` and shows that figure as a PNG ``Image`` widget, so the picture is part of the
+widget state that a notebook saves. The measuring functions hand the reader's model back as they
+found it (its own cache objects, position counter, training flags, dtype and device), so a
+widget never changes the model behind the reader's back.
 
 The cache explorer renders all its frames up front and links its slider to the visible frame in
 the browser (``jslink`` to a ``Stack``), so it can be scrubbed in a static page without a kernel.
@@ -24,22 +25,20 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("kvlib.widgets needs ipywidgets: pip install ipywidgets "
                       "(or pip install 'kvlib[widgets]')") from err
 
-from .memory import DTYPE_BYTES, MODELS, ModelSpec, format_bytes
-from .models import CausalLM
-from .plots import (
+from .measure import (
     CacheFrame,
     LatencyRun,
     Prompt,
     StrategySpec,
+    Tradeoff,
     cache_frames_for,
-    cache_state_pngs,
-    figure_png,
+    compression_tradeoff,
     measure_latency,
-    plot_latency,
-    plot_memory,
     spec_label,
 )
-from .plots.compress import Tradeoff, compression_tradeoff, plot_compression
+from .memory import DTYPE_BYTES, MODELS, ModelSpec, format_bytes
+from .models import CausalLM
+from .plots import cache_state_pngs, figure_png, plot_compression, plot_latency, plot_memory
 
 HAS_STACK = hasattr(widgets, "Stack")  # ipywidgets >= 8: switch frames in the browser
 KERNEL_NOTE = ("<small><i>Changing these settings recomputes in Python: it needs a running "

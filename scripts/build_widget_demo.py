@@ -44,9 +44,10 @@ CELLS = [
     ("markdown", "# kvlib widgets\n\nEvery widget of `kvlib.widgets`, rendered from the saved "
                  "widget state. The cache of one token: $2 \\times L \\times H_{kv} \\times d "
                  "\\times b$ bytes."),
-    ("code", "import torch\nimport kvlib\nfrom kvlib.plots import cache_frames_for, "
-             "plot_cache_state\nfrom kvlib.widgets import CacheExplorer, LatencyMonitor, "
-             "MemoryCalculator\n\ntorch.set_num_threads(1)\nmodel = kvlib.load_model('tiny')"),
+    ("code", "import torch\nimport kvlib\nfrom kvlib.measure import cache_frames_for\n"
+             "from kvlib.plots import plot_cache_state\nfrom kvlib.widgets import CacheExplorer, "
+             "LatencyMonitor, MemoryCalculator\n\ntorch.set_num_threads(1)\n"
+             "model = kvlib.load_model('tiny')"),
     ("markdown", "## The plain picture"),
     ("code", "runs = cache_frames_for(model, 'The cache keeps the keys', 10, "
              "['concat', ('sliding', 4)])\nplot_cache_state(runs, 'sliding (window 4)', 6)"),

@@ -93,6 +93,90 @@ def test_readme_layout_table_matches_the_tree():
         assert entry in named, f"README's layout table does not name {entry}"
 
 
+CLOCK_ATTRS = {"perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "process_time"}
+
+
+def clock_reads(path: Path) -> list[str]:
+    """Where a module reads a clock itself: ``time.perf_counter()``, ``time.time()``, ``from time
+    import perf_counter``, ... (line numbers)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and (
+                node.attr in CLOCK_ATTRS or (node.attr in ("time", "time_ns")
+                                             and isinstance(node.value, ast.Name)
+                                             and node.value.id == "time")):
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "time":
+            found.append(f"line {node.lineno}: from time import ...")
+        elif isinstance(node, ast.Name) and node.id in CLOCK_ATTRS:
+            found.append(f"line {node.lineno}: {node.id}")
+    return found
+
+
+def test_every_timing_goes_through_the_stopwatch():
+    """CONTRIBUTING: every timing goes through ``kvlib.timing.Stopwatch`` (it syncs the device);
+    no module but ``kvlib/timing.py`` reads a clock."""
+    reads = {name: r for name, path in modules().items() if name != "kvlib.timing"
+             if (r := clock_reads(path))}
+    assert not reads, f"clocks read outside kvlib/timing.py (use Stopwatch): {reads}"
+    assert clock_reads(PKG / "timing.py"), "kvlib/timing.py no longer reads a clock: update this"
+
+
+def runtime_imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The kvlib modules ``name`` imports when it runs: lazily inside functions too, but not under
+    ``if TYPE_CHECKING:`` (annotations only) nor in a package's ``__getattr__`` (names resolved on
+    first use)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            return
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.update(t for t in [base] + [f"{base}.{a.name}" for a in node.names]
+                         if t in known)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in known)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+MODEL_CODE = ("kvlib.models", "kvlib.generate", "kvlib.evaluate", "kvlib.loading", "kvlib.state",
+              "kvlib.measure", "kvlib.serving")
+
+
+def test_plots_only_draw_what_they_are_given():
+    """No module of ``kvlib.plots`` imports model code: ``kvlib.measure`` runs the model, a plot
+    draws what it returns."""
+    mods = modules()
+    bad = {}
+    for name, path in mods.items():
+        if name == "kvlib.plots" or name.startswith("kvlib.plots."):
+            hits = {m for m in runtime_imports(name, path, set(mods))
+                    if any(m == c or m.startswith(c + ".") for c in MODEL_CODE)}
+            if hits:
+                bad[name] = sorted(hits)
+    assert not bad, f"plot modules that import model code: {bad}"
+
+
+def test_plots_hold_no_measurement():
+    """A measurement has one home, kvlib.measure: kvlib.plots neither defines nor re-exports one."""
+    import kvlib.measure
+    import kvlib.plots
+
+    shared = {n for n in kvlib.measure.__all__ if hasattr(kvlib.plots, n)}
+    assert not shared, f"kvlib.plots also offers kvlib.measure's {sorted(shared)}"
+
+
 # ---- the import table in CONTRIBUTING.md -----------------------------------------------------
 
 ROOT_PART = "the package's version"  # a part that may import ``kvlib`` itself (its __version__)

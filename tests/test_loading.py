@@ -1,5 +1,5 @@
-"""kvlib.load_model: the one way to get a model (preset, seed, dtype, device, a local path, or a
-model trained here)."""
+"""kvlib.load_model: the one way to get a model (preset or config, seed, dtype, device, a local
+path, or a model trained here)."""
 
 import numpy as np
 import pytest
@@ -17,6 +17,17 @@ def test_preset_is_seeded_and_in_eval_mode():
     assert not a.training and isinstance(a, kvlib.GPTModel)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert not torch.equal(a.wte.weight, c.wte.weight)
+
+
+def test_a_config_gives_seeded_random_weights_of_its_shape():
+    cfg = kvlib.GPTConfig(vocab_size=512, context_length=64, emb_dim=32, n_heads=2, n_layers=2)
+    a, b = kvlib.load_model(cfg, seed=0), kvlib.load_model(cfg, seed=0)
+    assert a.cfg == cfg and not a.training and isinstance(a, kvlib.GPTModel)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    torch.manual_seed(0)  # the same weights as the family's own constructor after that seed
+    assert torch.equal(a.wte.weight, kvlib.GPTModel(cfg).wte.weight)
+    llama = kvlib.load_model(kvlib.PRESETS["tiny-llama"], dtype=torch.bfloat16)
+    assert isinstance(llama, kvlib.LlamaModel) and next(llama.parameters()).dtype == torch.bfloat16
 
 
 def test_dtype_and_device():

@@ -5,7 +5,8 @@ from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 
 import kvlib
-from kvlib.plots import cache_frames_for, cache_state_pngs, plot_cache_state, token_text
+from kvlib.measure import cache_frames_for
+from kvlib.plots import cache_state_pngs, plot_cache_state, token_text
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,47 +1,24 @@
-"""kvlib.plots.latency: every step is timed, and the model comes back as it was."""
+"""kvlib.plots.latency: the lines and bars are the runs it is given, the prefill left out."""
 
 import pytest
 
-import kvlib
-from kvlib.plots import measure_latency, plot_latency
+from kvlib.measure import LatencyRun
+from kvlib.plots import plot_latency
 
 
-def test_latency_measures_every_step(tiny, prompt):
-    seen = []
-    runs = measure_latency(tiny, prompt, 6, [None, "concat", ("sliding", 4)],
-                           on_step=lambda run, i: seen.append((run.label, i)))
-    assert list(runs) == ["no cache", "concat", "sliding (window 4)"]
-    T = len(kvlib.encode(prompt))
-    for run in runs.values():
-        assert run.seq_lens == [T + 1 + i for i in range(6)]
-        assert len(run.seconds) == 6 and all(s > 0 for s in run.seconds)
-        assert run.decode_tokens_per_s == pytest.approx(5 / sum(run.seconds[1:]))
-    assert len(seen) == 18
-    assert runs["no cache"].cache_nbytes == [0] * 6
-    fig = plot_latency(runs)
-    assert len(fig.axes[0].lines) == 3
-    assert [b.get_width() for b in fig.axes[1].patches] == pytest.approx(
-        [r.decode_tokens_per_s for r in runs.values()])
+def test_the_picture_draws_the_runs_it_is_given():
+    runs = {"no cache": LatencyRun("no cache", None, None, [0.5, 0.01, 0.02, 0.03], [5, 6, 7, 8]),
+            "concat": LatencyRun("concat", "concat", None, [0.5, 0.01, 0.01, 0.01], [5, 6, 7, 8])}
+    fig = plot_latency(runs, title="made up")
+    steps, rates = fig.axes[:2]
+    assert len(steps.lines) == 2
+    for line, run in zip(steps.lines, runs.values(), strict=True):
+        assert list(line.get_xdata()) == run.seq_lens[1:]  # the prefill (step 0) is left out
+        assert list(line.get_ydata()) == pytest.approx(run.ms_per_step[1:])
+    assert [b.get_width() for b in rates.patches] == pytest.approx([50.0, 100.0])
+    assert steps.get_title(loc="left") == "made up"
 
 
-def test_latency_stops_when_asked(tiny, prompt):
-    calls = []
-    runs = measure_latency(tiny, prompt, 20, [None, "concat"],
-                           on_step=lambda run, i: calls.append(i),
-                           should_stop=lambda: len(calls) >= 3)
-    assert list(runs) == ["no cache"] and len(runs["no cache"].seconds) == 3
-
-
-def test_latency_hands_the_model_back(reader_model, left_as_found, prompt):
-    check = left_as_found(reader_model)
-    measure_latency(reader_model, prompt, 4, [None, "prealloc", ("sliding", 2)])
-    check()
-    measure_latency(reader_model, prompt, 10, ["concat"], should_stop=lambda: True)
-    check()
-
-    def fail(run, i):
-        raise KeyboardInterrupt  # a reader interrupting the cell mid-run
-
-    with pytest.raises(KeyboardInterrupt):
-        measure_latency(reader_model, prompt, 4, ["concat"], on_step=fail)
-    check()
+def test_a_run_without_decode_steps_gets_an_empty_bar():
+    fig = plot_latency({"concat": LatencyRun("concat", "concat", None, [0.5], [5])})
+    assert [b.get_width() for b in fig.axes[1].patches] == [0.0]

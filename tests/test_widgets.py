@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("ipywidgets")
 import ipywidgets as widgets  # noqa: E402
 
-from kvlib.plots import cache_frames_for  # noqa: E402
+from kvlib.measure import cache_frames_for  # noqa: E402
 from kvlib.widgets import HAS_STACK, CacheExplorer, LatencyMonitor, MemoryCalculator  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -29,11 +29,13 @@ The modules, in the order a run uses them:
 | ``run`` | ``Bench``: the timed groups and the extras (steps with no cache, overhead) |
 | ``overhead`` | the narrow twin, ``functional_step``, ``floor_gap``, ``compile_check`` |
 | ``lockstep`` | kvlib, DynamicCache and the floor one step each, in turn |
-| ``stats``, ``targets`` | medians and spreads; the targets and their limits |
+| ``targets`` | the targets and their limits (medians and spreads: ``kvlib.measure.stats``) |
 | ``report``, ``figures`` | RESULTS.md and the PNGs, from the JSON |
+| ``streaming``, ``serving``, ``compress`` | past the context, many requests, compressed caches |
 | ``cli`` | the command line |
 """
 
+from ..measure.stats import percentiles, summary
 from .cli import main
 from .figures import PLOTS, plot
 from .floor import (
@@ -52,7 +54,6 @@ from .profiling import alloc_steps, count_allocations, profile_decode_step
 from .report import compile_text, lockstep_text, report
 from .run import Bench
 from .runners import HFRunner, KvlibRunner, hf_twin, time_run
-from .stats import percentiles, summary
 from .targets import lockstep_targets, targets
 
 __all__ = [

@@ -12,7 +12,6 @@ full context (1,024 tokens, read from one layer's cache, times 12 layers) and th
 
 from __future__ import annotations
 
-import statistics
 import warnings
 from functools import partial
 
@@ -21,26 +20,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..caches import EvictCache, QuantizedCache
-from ..evaluate import held_out
-from ..generate import decode_one, prefill
+from ..evaluate import held_out, perplexity
 from ..loading import load_model
 from ..machine import environment_info
-from ..models import GPTConfig, GPTModel
-from ..plots.compress import measure_frontier
+from ..measure import CONFIGS, RESIDUAL, measure_frontier, median_ms, step_ms
 from ..timing import Stopwatch
 from .targets import target_row
 
-RESIDUAL = 32  # the residual window of the "+ residual" rows (tokens)
-CONFIGS: dict[str, dict] = {
-    "bf16": {"cache": "bf16"},
-    "int8": {"cache": "quantized", "bits": 8},
-    f"int8 + residual {RESIDUAL}": {"cache": "quantized", "bits": 8, "residual": RESIDUAL},
-    "int4": {"cache": "quantized", "bits": 4},
-    f"int4 + residual {RESIDUAL}": {"cache": "quantized", "bits": 4, "residual": RESIDUAL},
-    "evict 128": {"cache": "evict", "budget": 128, "n_sink": 4},
-    "evict 64": {"cache": "evict", "budget": 64, "n_sink": 4},
-    "evict 32": {"cache": "evict", "budget": 32, "n_sink": 4},
-}
 GPT2_CONFIGS: dict[str, dict] = {
     "fp32 (full)": {"cache": "prealloc"},
     "bf16": {"cache": "bf16"},
@@ -54,25 +40,6 @@ HF_RUNS = {  # label -> QuantizedCache arguments (transformers' KIVI-like cache)
     "HF QuantizedCache hqq int4": {"backend": "hqq", "nbits": 4},
     "HF QuantizedCache hqq int8": {"backend": "hqq", "nbits": 8},
 }
-
-
-@torch.inference_mode()
-def step_ms(model, ids: torch.Tensor, options: dict, steps: int, repeats: int) -> float:
-    """Median decode step (ms) over the last ``steps`` positions of ``ids`` ``(1, T)``: prefill
-    the rest, then decode one token at a time, ``repeats`` times."""
-    opts = dict(options)
-    cache, window = opts.pop("cache"), opts.pop("window", None)
-    T = ids.shape[1]
-    times = []
-    for _ in range(repeats):
-        model.set_kv_cache(cache, max_len=T, window=window, **opts)
-        prefill(model, ids[:, : T - steps])
-        for t in range(T - steps, T):
-            with Stopwatch() as sw:
-                decode_one(model, ids[:, : t + 1])
-            times.append(sw.seconds)
-    model.reset_kv_cache()
-    return statistics.median(times) * 1e3
 
 
 def layer_bytes(options: dict, kv_heads: int, tokens: int, head_dim: int) -> int:
@@ -94,8 +61,7 @@ def layer_bytes(options: dict, kv_heads: int, tokens: int, head_dim: int) -> int
 
 def gpt2_rows(steps: int, repeats: int, at: int, progress: bool) -> list[dict]:
     """GPT-2 124M, random weights: bytes at the full context, decode step at ``at`` tokens."""
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig()).eval()
+    model = load_model("gpt2", seed=0)
     c = model.cfg
     ids = torch.randint(0, c.vocab_size, (1, at), generator=torch.Generator().manual_seed(0))
     full = c.n_layers * layer_bytes({"cache": "prealloc"}, c.n_heads, c.context_length,
@@ -199,7 +165,7 @@ def _hf_stream(hf, rows: torch.Tensor, make, steps: int
                               getattr(layer, "_quantized_values", None),
                               getattr(layer, "keys", None), getattr(layer, "values", None)))
                  for layer in cache.layers)
-    return nll, top1, nbytes // B, statistics.median(times[-steps:]) * 1e3
+    return nll, top1, nbytes // B, median_ms(times[-steps:])
 
 
 def compress(model_name: str = "mini-llama", windows: int = 16, steps: int = 64,
@@ -227,8 +193,6 @@ def compress(model_name: str = "mini-llama", windows: int = 16, steps: int = 64,
          "device": "cpu", "environment": environment_info(), "caches": caches}
     if hf:
         ref = next(p for p in points if p.family == "full")
-        from ..evaluate import perplexity
-
         ref_top1 = perplexity(model, rows, **ref.options).top1
         d["hf"], d["hf_note"] = hf_rows(model, rows, ref_top1, 32, RESIDUAL, steps)
     if gpt2:

@@ -12,11 +12,11 @@ from torch import Tensor
 
 from ..loading import load_model
 from ..machine import environment_info
+from ..measure.stats import summary
 from ..timing import Stopwatch, tokens_per_s
 from .floor import Floor
 from .plan import PROMPT, SCHEMA
 from .runners import HFRunner, KvlibRunner, hf_twin
-from .stats import summary
 
 TURNS = ("kvlib", "hf", "floor")  # who takes a step, in the first repeat's order
 

@@ -14,12 +14,12 @@ from torch import Tensor
 from ..generate import decode_one, prefill
 from ..loading import load_model
 from ..machine import environment_info
+from ..measure.stats import median_ms, summary
 from ..models import PRESETS, GPTModel, build_model
 from ..timing import Stopwatch
 from .floor import Floor, floor_step
 from .plan import DTYPES, HF_KINDS, PROMPT
 from .runners import HFRunner, KvlibRunner, hf_twin, time_run
-from .stats import median_ms, summary
 
 GAP_PARTS = ("layernorm", "gelu", "attention", "residual")  # small ops between weight reads
 

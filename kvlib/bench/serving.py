@@ -22,25 +22,25 @@ the median of ``repeats`` passes after ``warmup``.
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import decode_one, generate, pad_prompts, prefill
+from ..generate import generate, pad_prompts
+from ..loading import load_model
 from ..machine import environment_info
-from ..models import GPTConfig, GPTModel, LlamaConfig, LlamaModel
+from ..measure import median, median_ms
 from ..serving import Engine
+from ..state import model_device
+from ..timing import Stopwatch
 from .targets import target_row
 
 
-def build_model(name: str):
-    """Random weights (seeded) of a named shape: "gpt2" (124M) or a Llama preset."""
-    torch.manual_seed(0)
-    if name in ("gpt2", "tiny"):
-        return GPTModel(GPTConfig.from_preset(name)).eval()
-    return LlamaModel(LlamaConfig.from_preset(name)).eval()
+def random_model(name: str):
+    """Seeded random weights of a preset's shape, even for a model trained here ("mini-llama"):
+    the workload's ids are random, so trained weights would have nothing to say about them."""
+    return load_model(name, pretrained=False, seed=0)
 
 
 def workload(vocab: int, n: int = 32, system: int = 200, prompt: tuple[int, int] = (8, 64),
@@ -60,10 +60,11 @@ def workload(vocab: int, n: int = 32, system: int = 200, prompt: tuple[int, int]
 
 
 def _one_at_a_time(model, work) -> tuple[float, list[torch.Tensor]]:
-    start, outs = time.perf_counter(), []
-    for p, n in work:
-        outs.append(generate(model, p[None], n, cache="prealloc").tokens[0])
-    return time.perf_counter() - start, outs
+    outs = []
+    with Stopwatch(model_device(model)) as sw:
+        for p, n in work:
+            outs.append(generate(model, p[None], n, cache="prealloc").tokens[0])
+    return sw.seconds, outs
 
 
 def _batches(work, size: int):
@@ -72,42 +73,51 @@ def _batches(work, size: int):
 
 def _static(model, work, size: int) -> tuple[float, list[torch.Tensor], list[tuple[int, int]]]:
     """kvlib's padded batches; also (reserved, used) token slots at every decode step."""
-    start, outs, slots = time.perf_counter(), [], []
-    for batch in _batches(work, size):
-        n = max(m for _, m in batch)
-        res = generate(model, [p for p, _ in batch], n, cache="prealloc")
-        outs += [s[: p.shape[0] + m] for s, (p, m) in zip(res.sequences, batch, strict=True)]
-        T = res.prompt_len
-        for i in range(n):  # the padded cache holds B x (T + i); the real tokens fewer
-            used = sum(p.shape[0] + min(i, m) for p, m in batch if i < m)
-            slots.append((len(batch) * (T + i), used))
-    return time.perf_counter() - start, outs, slots
+    outs, slots = [], []
+    with Stopwatch(model_device(model)) as sw:
+        for batch in _batches(work, size):
+            n = max(m for _, m in batch)
+            res = generate(model, [p for p, _ in batch], n, cache="prealloc")
+            outs += [s[: p.shape[0] + m] for s, (p, m) in zip(res.sequences, batch, strict=True)]
+            T = res.prompt_len
+            for i in range(n):  # the padded cache holds B x (T + i); the real tokens fewer
+                used = sum(p.shape[0] + min(i, m) for p, m in batch if i < m)
+                slots.append((len(batch) * (T + i), used))
+    return sw.seconds, outs, slots
 
 
 def _hf_static(hf, work, size: int) -> tuple[float, list[torch.Tensor]]:
-    start, outs = time.perf_counter(), []
-    for batch in _batches(work, size):
-        n = max(m for _, m in batch)
-        idx, pad = pad_prompts([p for p, _ in batch])
-        mask = torch.ones_like(idx)
-        if pad is not None:
-            for b, k in enumerate(pad.tolist()):
-                mask[b, :k] = 0
-        with torch.inference_mode():  # no eos: every row runs n steps, as kvlib's do
-            out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)
-        for b, (_, m) in enumerate(batch):
-            k = 0 if pad is None else int(pad[b])
-            outs.append(out[b, k : idx.shape[1] + m])
-    return time.perf_counter() - start, outs
+    outs = []
+    with Stopwatch(hf.device) as sw:
+        for batch in _batches(work, size):
+            outs += _hf_batch(hf, batch)
+    return sw.seconds, outs
+
+
+def _hf_batch(hf, batch) -> list[torch.Tensor]:
+    """One padded batch through transformers' ``generate``; each row without its padding."""
+    outs = []
+    n = max(m for _, m in batch)
+    idx, pad = pad_prompts([p for p, _ in batch])
+    mask = torch.ones_like(idx)
+    if pad is not None:
+        for b, k in enumerate(pad.tolist()):
+            mask[b, :k] = 0
+    with torch.inference_mode():  # no eos: every row runs n steps, as kvlib's do
+        out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    for b, (_, m) in enumerate(batch):
+        k = 0 if pad is None else int(pad[b])
+        outs.append(out[b, k : idx.shape[1] + m])
+    return outs
 
 
 def _engine(model, work, block_size: int, num_blocks: int, prefix: bool):
     engine = Engine(model, block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix)
     ids = [engine.add_request(p, n) for p, n in work]
-    start = time.perf_counter()
-    out = engine.run()
-    return time.perf_counter() - start, [out[i] for i in ids], engine
+    with Stopwatch(model_device(model)) as sw:
+        out = engine.run()
+    return sw.seconds, [out[i] for i in ids], engine
 
 
 def _waste(reserved: int, used: int) -> float:
@@ -141,15 +151,8 @@ def _step_ratio(model, batch: int, length: int, steps: int, block_size: int) -> 
     vocab = model.cfg.vocab_size
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, length), generator=g)
-    model.set_kv_cache("prealloc", max_len=length + steps + 1)
-    with torch.inference_mode():
-        seq = torch.cat([ids, prefill(model, ids).argmax(-1, keepdim=True)], dim=1)
-        contiguous = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            nxt = decode_one(model, seq).argmax(-1, keepdim=True)
-            contiguous.append(time.perf_counter() - t0)
-            seq = torch.cat([seq, nxt], dim=1)
+    contiguous = generate(model, ids, steps + 1, cache="prealloc")  # `steps` timed decode steps
+    seq = contiguous.tokens
     model.reset_kv_cache()
     per = -(-(length + steps + 1) // block_size)
     engine = Engine(model, block_size=block_size, num_blocks=batch * per)
@@ -162,8 +165,8 @@ def _step_ratio(model, batch: int, length: int, steps: int, block_size: int) -> 
         engine.step()
         paged.append(engine.decode_seconds - before)
     same = all(torch.equal(engine.result(b), seq[b]) for b in range(batch))
-    return {"batch": batch, "length": length, "contiguous_ms": statistics.median(contiguous) * 1e3,
-            "paged_ms": statistics.median(paged) * 1e3, "same_tokens": same}
+    return {"batch": batch, "length": length, "contiguous_ms": median_ms(contiguous.step_times),
+            "paged_ms": median_ms(paged), "same_tokens": same}
 
 
 def waste_by_block_size(work, pool_tokens: int, sizes: tuple[int, ...] = (1, 4, 8, 16, 32)
@@ -171,7 +174,7 @@ def waste_by_block_size(work, pool_tokens: int, sizes: tuple[int, ...] = (1, 4, 
     """The paged pool's waste (%, averaged over the steps) at several block sizes, with the same
     bytes in the pool. It depends only on the requests' lengths (no request stops early), so a
     tiny model runs the schedule."""
-    model = build_model("tiny-llama")
+    model = random_model("tiny-llama")
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # past the tiny model's trained context: it warns
@@ -219,7 +222,7 @@ def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
             compare_hf: bool = True, step_length: int = 256, step_count: int = 24,
             progress: bool = True) -> dict:
     """Measure; see the module docstring."""
-    model = build_model(model_name)
+    model = random_model(model_name)
     work = workload(model.cfg.vocab_size, n, system, prompt, output)
     longest = max(p.shape[0] + m for p, m in work)
     num_blocks = batch * -(-longest // block_size)  # what the static batches reserve
@@ -252,12 +255,12 @@ def serving(model_name: str = "mini-llama", n: int = 32, system: int = 200,
                                              - 1), step_count, block_size)
     model.reset_kv_cache()
     wanted = sum(m for _, m in work)
-    tps = {w: wanted / statistics.median(t) for w, t in times.items()}
+    tps = {w: wanted / median(t) for w, t in times.items()}
     per_token = shared_engine.storage.block_nbytes // block_size
     memory = _memory(shared_engine, work, static_slots, per_token)
     hits = shared_engine.stats["prefix_hit_tokens"]
-    prefix = {"prefill_s_with": statistics.median(prefill_s[True]),
-              "prefill_s_without": statistics.median(prefill_s[False]),
+    prefix = {"prefill_s_with": median(prefill_s[True]),
+              "prefill_s_without": median(prefill_s[False]),
               "hit_tokens": hits, "bytes_saved": hits * per_token}
     d = {"kind": "serving", "model": model_name, "n": n, "system": system, "prompt": prompt,
          "output": output, "batch": batch, "block_size": block_size, "num_blocks": num_blocks,

@@ -11,16 +11,14 @@ Every number is the median over ``repeats`` passes, after ``warmup`` passes.
 
 from __future__ import annotations
 
-import statistics
 import warnings
 
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import decode_one, prefill
 from ..loading import load_model
 from ..machine import environment_info
-from ..timing import Stopwatch
+from ..measure import median, median_ms, time_decode
 from .targets import target_row
 
 STRATEGIES = ("sinks", "prealloc", "recompute")
@@ -30,36 +28,19 @@ def _lengths(length: int) -> list[int]:
     return [length // 8, length // 4, length // 2, length]
 
 
-@torch.inference_mode()
 def _stream(model, ids: torch.Tensor, strategy: str, window: int, n_sink: int, probe: int
             ) -> dict:
     """One pass: step times (ms) and bytes held at each checkpoint length."""
-    T = ids.shape[1]
-    marks = _lengths(T)
-    opts = {"prealloc": {"max_len": T}, "sinks": {"window": window, "n_sink": n_sink},
+    marks = _lengths(ids.shape[1])
+    opts = {"prealloc": {}, "sinks": {"window": window, "n_sink": n_sink},
             "recompute": {"window": window}}[strategy]
-    model.set_kv_cache(strategy, **opts)
-    steps, nbytes = {}, {}
-    if strategy == "recompute":  # each step is independent of the ones before
-        for L in marks:
-            times = []
-            for t in range(L - probe, L):
-                with Stopwatch() as sw:
-                    decode_one(model, ids[:, : t + 1])
-                times.append(sw.seconds)
-            steps[L], nbytes[L] = statistics.median(times) * 1e3, model.kv_cache_nbytes
-        return {"step_ms": [steps[L] for L in marks], "bytes": [nbytes[L] for L in marks]}
-    prefill(model, ids[:, :1])
-    times = []
-    for t in range(1, T):
-        with Stopwatch() as sw:
-            decode_one(model, ids[:, : t + 1])
-        times.append(sw.seconds)
-        if t + 1 in marks:  # the step that brought the text to t + 1 tokens
-            L = t + 1
-            steps[L] = statistics.median(times[-probe:]) * 1e3
-            nbytes[L] = model.kv_cache_nbytes
-    return {"step_ms": [steps[L] for L in marks], "bytes": [nbytes[L] for L in marks]}
+    if strategy == "recompute":  # each step is independent of the ones before: time the probes
+        runs = [time_decode(model, ids[:, :L], L - probe, strategy, **opts) for L in marks]
+        return {"step_ms": [r.median_ms for r in runs], "bytes": [r.nbytes[-1] for r in runs]}
+    run = time_decode(model, ids, 1, strategy, **opts)
+    seconds = run.seconds[0]  # step i brings the text to i + 2 tokens
+    return {"step_ms": [median_ms(seconds[L - 1 - probe : L - 1]) for L in marks],
+            "bytes": [run.nbytes[L - 2] for L in marks]}
 
 
 def streaming(model_name: str = "mini-llama", length: int = 2048, window: int | None = None,
@@ -85,7 +66,7 @@ def streaming(model_name: str = "mini-llama", length: int = 2048, window: int | 
                 bar.update()
     bar.close()
     model.reset_kv_cache()
-    med = {s: {"step_ms": [statistics.median(r["step_ms"][k] for r in rs) for k in range(4)],
+    med = {s: {"step_ms": [median(r["step_ms"][k] for r in rs) for k in range(4)],
                "bytes": rs[0]["bytes"]} for s, rs in runs.items()}
     return {"kind": "streaming", "model": model_name, "context_length": ctx, "window": window,
             "n_sink": n_sink, "lengths": _lengths(length), "repeats": repeats, "warmup": warmup,

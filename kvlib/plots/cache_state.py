@@ -8,6 +8,7 @@ bytes for the cache explorer, drawing the parts that never change once.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.figure import Figure
@@ -18,12 +19,15 @@ from ..memory import format_bytes
 from ..style import COLORS, strategy_color
 from ..tokenizer import decode
 from .figure import PlotFigure, canvas_png
-from .frames import CacheFrame
+
+if TYPE_CHECKING:
+    from ..measure.frames import CacheFrame
+
+    Runs = dict[str, list[CacheFrame]]  # strategy label -> one frame per step
 
 CACHE_FIGSIZE = (9, 4.2)  # inches: 675 px wide at 75 dpi, about a book page's text column
 SEQUENCE_ROW, SLOT_ROW = 2.2, 0.0  # where the two rows of boxes sit (each box is 1 high)
 
-Runs = dict[str, list[CacheFrame]]  # strategy label -> one frame per step
 
 
 @functools.cache

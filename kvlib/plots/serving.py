@@ -9,13 +9,16 @@ memory each way of holding the cache reserves along the engine's run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Patch, Rectangle
 
-from ..serving import Engine
 from .figure import PlotFigure, figure_png
+
+if TYPE_CHECKING:
+    from ..serving import Engine  # a finished run: these functions read its records
 
 _SLOT = {"padding": "#dddddd", "prompt": "#aec7e8", "output": "#2ca02c",
          "idle": "#ffbb78"}  # a padded batch's slots

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ from torch import Tensor
 
 from ..caches.paged import BlockStorage, PagedBatch, PagedCache
 from ..models import CausalLM, check_token_ids
+from ..timing import Stopwatch
 from .pool import BlockPool
 
 
@@ -243,24 +243,24 @@ class Engine:
                 if waiting or not self._admit(r, running):
                     waiting.append(r.id)  # no overtaking: later arrivals wait behind it
                     continue
-                start = time.perf_counter()
-                self._writable(r, len(r.prompt))
-                ids = torch.tensor([r.prompt[r.cached_tokens :]], device=self.device)
-                r.output.append(int(self._forward([r], ids, [r.cached_tokens])[0]))
-                self.prefill_seconds += time.perf_counter() - start
+                with Stopwatch(self.device) as sw:
+                    self._writable(r, len(r.prompt))
+                    ids = torch.tensor([r.prompt[r.cached_tokens :]], device=self.device)
+                    r.output.append(int(self._forward([r], ids, [r.cached_tokens])[0]))
+                self.prefill_seconds += sw.seconds
                 self._register_prompt(r)
                 running.append(r)
                 joined.append(r.id)
             if decoding:
-                start = time.perf_counter()
-                for r in decoding:
-                    self._writable(r, r.length + 1)
-                ids = torch.tensor([[r.output[-1]] for r in decoding],
-                                   device=self.device)  # (B, 1)
-                nxt = self._forward(decoding, ids, [r.length for r in decoding])
-                for r, t in zip(decoding, nxt.tolist(), strict=True):
-                    r.output.append(t)
-                self.decode_seconds += time.perf_counter() - start
+                with Stopwatch(self.device) as sw:
+                    for r in decoding:
+                        self._writable(r, r.length + 1)
+                    ids = torch.tensor([[r.output[-1]] for r in decoding],
+                                       device=self.device)  # (B, 1)
+                    nxt = self._forward(decoding, ids, [r.length for r in decoding])
+                    for r, t in zip(decoding, nxt.tolist(), strict=True):
+                        r.output.append(t)
+                self.decode_seconds += sw.seconds
         for r in running:
             if self._done(r):
                 self._finish(r)

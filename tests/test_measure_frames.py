@@ -1,11 +1,11 @@
-"""kvlib.plots.frames: the frames are the caches' real state, and the model comes back as it was."""
+"""kvlib.measure.frames: the frames are the caches' real state; the model comes back as it was."""
 
 import pytest
 import torch
 
 import kvlib
+from kvlib.measure import cache_frames, cache_frames_for
 from kvlib.memory import get_spec
-from kvlib.plots import cache_frames, cache_frames_for
 
 
 def layer_keys(model: kvlib.GPTModel, tokens: list[int], layer: int,

@@ -1,9 +1,9 @@
-"""kvlib.plots.inputs: prompts in every form, strategy specs and their names."""
+"""kvlib.measure.inputs: prompts in every form, strategy specs and their names."""
 
 import torch
 
 import kvlib
-from kvlib.plots import prompt_ids, spec_label, split_spec
+from kvlib.measure import prompt_ids, spec_label, split_spec
 
 
 def test_every_form_of_prompt_gives_a_batch_of_ids():
