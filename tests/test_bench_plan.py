@@ -11,7 +11,7 @@ def test_cli_refuses_what_it_cannot_run():
     with pytest.raises(SystemExit, match="exceed"):
         Bench([Suite(["tiny"], ["prealloc"], [300])], progress=False).run()
     with pytest.raises(SystemExit, match="unknown strategy"):
-        Bench([Suite(["tiny"], ["paged"], [4])], progress=False).run()
+        Bench([Suite(["tiny"], ["radix"], [4])], progress=False).run()
     with pytest.raises(SystemExit, match="unknown model"):
         Bench([Suite(["gpt5"], ["prealloc"], [4])], progress=False).run()
     if not torch.cuda.is_available():

@@ -115,3 +115,24 @@ def test_a_cache_that_reuses_slots_must_say_where_its_tokens_are():
     for name, cls in STRATEGIES.items():
         if cls.traits.reuses_slots:
             assert "slot_positions" in vars(cls), name
+
+
+def test_a_subclass_with_its_own_init_is_built_by_that_init(tiny):
+    """QuantizedCache.for_layer passes bits, group_size and residual; a reader's subclass whose
+    __init__ takes none of them is built with what its own __init__ takes."""
+    from kvlib.caches import QuantizedCache
+
+    class Roomy(QuantizedCache):
+        def __init__(self) -> None:
+            super().__init__(bits=8, group_size=32, residual=1024)
+
+    register("roomy", Roomy)
+    try:
+        prompt = torch.tensor([[3, 1, 4, 1, 5]])
+        out = kvlib.generate(tiny, prompt, 12, cache="roomy")
+        assert torch.equal(out.tokens, kvlib.generate(tiny, prompt, 12).tokens)
+        assert all(type(c) is Roomy and c.residual == 1024 for c in tiny.caches)
+        with pytest.raises(ValueError, match="takes no option bits"):
+            tiny.set_kv_cache("roomy", bits=4)
+    finally:
+        del STRATEGIES["roomy"]

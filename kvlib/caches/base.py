@@ -64,8 +64,20 @@ class KVCache(nn.Module):
         return cls(**options)
 
     @classmethod
+    def builds_from_layer(cls) -> bool:
+        """Whether ``for_layer`` was written for this class's ``__init__``: False for a subclass
+        that defines its own ``__init__`` below the class that wrote ``for_layer`` (a reader's
+        ``class Mine(QuantizedCache): def __init__(self): ...``), which is then built with the
+        options its ``__init__`` takes."""
+        def owner(attr: str) -> type:
+            return next(k for k in cls.__mro__ if attr in vars(k))
+        return issubclass(owner("for_layer"), owner("__init__"))
+
+    @classmethod
     def for_layers(cls, layers: list[LayerSpec], **options) -> list[KVCache]:
         """One cache per layer (a strategy whose layers share storage overrides this)."""
+        if not cls.builds_from_layer():
+            return [cls(**options) for _ in layers]
         return [cls.for_layer(layer, **options) for layer in layers]
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

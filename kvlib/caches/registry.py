@@ -59,7 +59,7 @@ def parameters(cls: type[KVCache]) -> dict[str, inspect.Parameter]:
     ``for_layer`` passes every option on."""
     own = dict(inspect.signature(cls.for_layer).parameters)
     own.pop("layer", None)
-    if any(p.kind is p.VAR_KEYWORD for p in own.values()):
+    if not cls.builds_from_layer() or any(p.kind is p.VAR_KEYWORD for p in own.values()):
         own = dict(inspect.signature(cls.__init__).parameters)
         own.pop("self", None)
     return {n: p for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
