@@ -124,7 +124,7 @@ def test_a_subclass_with_its_own_init_is_built_by_that_init(tiny):
 
     class Roomy(QuantizedCache):
         def __init__(self) -> None:
-            super().__init__(bits=8, group_size=32, residual=1024)
+            super().__init__(bits=8, group_size=8, residual=1024)
 
     register("roomy", Roomy)
     try:
