@@ -130,8 +130,8 @@ def test_a_subclass_with_its_own_init_is_built_by_that_init(tiny):
     try:
         prompt = torch.tensor([[3, 1, 4, 1, 5]])
         out = kvlib.generate(tiny, prompt, 12, cache="roomy")
-        assert torch.equal(out.tokens, kvlib.generate(tiny, prompt, 12).tokens)
         assert all(type(c) is Roomy and c.residual == 1024 for c in tiny.caches)
+        assert torch.equal(out.tokens, kvlib.generate(tiny, prompt, 12).tokens)
         with pytest.raises(ValueError, match="takes no option bits"):
             tiny.set_kv_cache("roomy", bits=4)
     finally:
