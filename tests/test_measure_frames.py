@@ -85,8 +85,10 @@ def test_frames_name_the_cache_they_read(tiny, prompt):
 
 
 def test_explorer_rejects_no_cache(tiny, prompt):
-    with pytest.raises(ValueError, match="choose 'concat'"):
+    with pytest.raises(ValueError, match="'none' keeps no tokens: choose one that does"):
         cache_frames(tiny, prompt, 3, "none")
+    with pytest.raises(ValueError, match="'quantized' cache keeps its keys otherwise"):
+        cache_frames(tiny, prompt, 3, "quantized")
 
 
 def test_frames_hand_the_model_back(reader_model, left_as_found, prompt):

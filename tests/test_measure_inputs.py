@@ -17,7 +17,8 @@ def test_every_form_of_prompt_gives_a_batch_of_ids():
 def test_specs_and_their_names():
     assert split_spec(("sliding", 8)) == ("sliding", 8)
     assert split_spec("sliding", 16) == ("sliding", 16)
-    assert split_spec("concat", 16) == ("concat", None)  # a window is for sliding only
+    assert split_spec("concat", 16) == ("concat", None)  # a window only where one is needed
+    assert split_spec("sinks", 16) == ("sinks", 16)
     assert split_spec(None) == (None, None)
     assert [spec_label(s) for s in (None, "concat", ("sliding", 8))] == [
         "no cache", "concat", "sliding (window 8)"]

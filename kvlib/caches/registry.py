@@ -65,6 +65,12 @@ def parameters(cls: type[KVCache]) -> dict[str, inspect.Parameter]:
     return {n: p for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
+def needs(name: str, option: str) -> bool:
+    """Whether strategy ``name`` cannot be built without ``option`` (a "sliding" ``window``)."""
+    param = parameters(strategy(name)).get(option)
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 def taking(option: str) -> list[str]:
     """The registered strategies that take ``option``."""
     return [n for n, c in STRATEGIES.items() if option in parameters(c)]

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..caches import strategy as strategy_class
 from ..generate import Step, generate_stream
 from ..models import CausalLM
 from ..state import model_device, preserved_state
 from ..style import strategy_label
 from .inputs import Prompt, StrategySpec, prompt_ids, split_spec
-
-CACHED_STRATEGIES = ("concat", "prealloc", "sliding")  # the strategies that keep tokens to show
 
 
 @dataclass
@@ -95,6 +94,10 @@ def _record_frames(model: CausalLM, prompt: Tensor, steps: Iterable[Step],
     tokens = prompt[0].tolist()
     for step in steps:
         cache = model.caches[layer]
+        if not isinstance(getattr(cache, "keys", None), Tensor):
+            raise ValueError(f"the explorer reads a cache's key buffer slot by slot, and the "
+                             f"{cache.name!r} cache keeps its keys otherwise (quantized, or in "
+                             "blocks): choose one that stores them as they are, such as 'concat'")
         positions = cache.slot_positions()
         written = history.written(positions, cache.keys)
         tokens.append(int(step.tokens[0]))
@@ -112,9 +115,9 @@ def cache_frames(model: CausalLM, prompt: Prompt, max_new_tokens: int, strategy:
     step: which position each slot holds, which slots the step wrote (found by comparing the key
     buffer before and after), how many bytes the caches hold. The model is handed back with its
     own caches, position counter, training flags, dtype and device."""
-    if strategy not in CACHED_STRATEGIES:
-        raise ValueError(f"the explorer shows a cache: choose 'concat', 'prealloc' or 'sliding', "
-                         f"got {strategy!r}")
+    if not strategy_class(strategy).traits.keeps_tokens:
+        raise ValueError(f"the explorer shows a cache, and {strategy!r} keeps no tokens: choose "
+                         "one that does, such as 'concat', 'prealloc' or 'sliding'")
     ids = prompt_ids(prompt, model_device(model))
     with preserved_state(model):
         steps = generate_stream(model, ids, max_new_tokens, cache=strategy, window=window)

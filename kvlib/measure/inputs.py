@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..caches.registry import needs
 from ..style import strategy_label
 from ..tokenizer import encode
 
@@ -16,10 +17,11 @@ Prompt = str | Sequence[int] | Tensor  # text, token ids, or a (T,) / (B, T) id 
 
 
 def split_spec(spec: StrategySpec, window: int | None = None) -> tuple[str | None, int | None]:
-    """A spec as ``(strategy, window)``; a bare ``"sliding"`` takes ``window``."""
+    """A spec as ``(strategy, window)``; a bare name takes ``window`` if its strategy needs one
+    ("sliding", "sinks", "recompute")."""
     if isinstance(spec, tuple):
         return spec[0], spec[1]
-    return spec, window if spec == "sliding" else None
+    return spec, window if spec is not None and needs(spec, "window") else None
 
 
 def spec_label(spec: StrategySpec, window: int | None = None) -> str:
