@@ -18,6 +18,7 @@ from kvlib.train import (
     Batches,
     TrainConfig,
     Trainer,
+    ablate,
     build_data,
     card_text,
     fixed_windows,
@@ -246,7 +247,7 @@ def test_shipped_models_come_with_a_long_held_out_text(shipped):
                                                      metrics["test"]["window_tokens"])
 
 
-# --- start tokens, passkey episodes, longer contexts ------------------------------------------
+# --- start tokens, passkey episodes, longer contexts, ablations --------------------------------
 
 LONGER = {m: {**TINY[m], "context_length": 96} for m in TINY}  # room for passkey episodes
 
@@ -342,3 +343,32 @@ def test_a_longer_context_with_start_tokens_reaches_the_files_and_the_card(tmp_p
     assert "Their context is 96 tokens" in card and "opens with `<|endoftext|>`" in card
     assert "20% of the rows are passkey episodes" in card and "Passkey recall on 64" in card
 
+
+def test_ablate_trains_the_variants_and_tabulates_them(tmp_path, corpus_root):
+    folder = tmp_path / "ablations"
+    main(["--ablate", "cut", "bos+recall", "--recall-share", "0.2", "--model", "mini-gpt2",
+          "--steps", "3", "--batch-size", "2", "--warmup-steps", "1", "--test-windows", "2",
+          "--valid-windows", "2", "--corpus-root", str(corpus_root), "--out", str(folder),
+          "--no-progress", *[a for k, v in LONGER["mini-gpt2"].items()
+                             for a in ("--set", f"{k}={v}")]])
+    rows = json.loads((folder / "ablation.json").read_text())
+    assert [r["variant"] for r in rows] == ["cut", "bos+recall"]
+    cut, bos = rows
+    assert cut["train"]["bos"] is False and bos["train"]["bos"] is True
+    assert cut["train"]["recall_share"] == 0 and bos["train"]["recall_share"] == 0.2
+    assert len(bos["first_token_attention_per_layer"]) == 1  # one layer
+    assert all(0 <= m <= 1 for r in rows for m in r["first_token_attention_per_layer"])
+    assert cut["window"] == 24 and cut["sinks_cache"] == "evict"  # GPT-2: no moved sinks
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("perplexity_full", "perplexity_sliding",
+                                                 "perplexity_sinks"))
+        assert r["recall_distance"] == 48 and r["recall_sliding"] == 0.0  # out of view
+    table = (folder / "ablation.md").read_text()
+    assert "| cut | 3 |" in table and "| bos+recall | 3 |" in table
+    assert (folder / "bos+recall" / "model.safetensors").is_file()
+    assert not (folder / "README.md").exists()  # no card: these are not models to ship
+    base = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match="unknown variant"):
+        ablate(base, ["cut+bos"], tmp_path)
+    with pytest.raises(ValueError, match="--recall-share"):
+        ablate(base, ["bos+recall"], tmp_path)

@@ -12,6 +12,7 @@ import torch
 
 from ..loading import TRAINED, TRAINED_DIR
 from ..models import PRESETS
+from .ablate import DEFAULT_VARIANTS, ablate, table_text
 from .card import record_rerun, write_card
 from .config import CLI_SETTINGS, TrainConfig
 from .data import build_data
@@ -73,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--record-rerun", metavar="FOLDER", help="compare the rerun written to "
                    "FOLDER (--out) with the shipped model, record it in its metrics, rewrite the "
                    "card, then stop")
+    p.add_argument("--ablate", nargs="*", metavar="VARIANT", help="train these variants of the "
+                   "run (default: cut bos; +recall mixes in passkey episodes at --recall-share) "
+                   "into --out (default checkpoints/ablations/<model>/), measure them, write "
+                   "ablation.md and ablation.json there, then stop")
     p.add_argument("--long-text", action="store_true", help=f"only write {LONG_FILE} (the "
                    "long held-out text) beside the trained models, then stop")
     return p
@@ -107,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         progress=not args.no_progress, bos=args.bos)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "kvlib.train", *argv])
+    if args.ablate is not None:
+        rows = ablate(cfg, args.ablate or DEFAULT_VARIANTS, args.out, args.resume, command)
+        print(table_text(rows))
+        return None
     m = train(cfg, args.resume, args.stop_at, command, card=not args.no_card)
     print(f"{m['model']}: {m['steps']} steps in {m['seconds'] / 60:.1f} min "
           f"({m['tokens_per_s']:,.0f} tokens/s), held-out perplexity {m['test']['perplexity']:.3f}"
