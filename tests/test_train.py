@@ -346,11 +346,11 @@ def test_a_longer_context_with_start_tokens_reaches_the_files_and_the_card(tmp_p
 
 def test_ablate_trains_the_variants_and_tabulates_them(tmp_path, corpus_root):
     folder = tmp_path / "ablations"
-    main(["--ablate", "cut", "bos+recall", "--recall-share", "0.2", "--model", "mini-gpt2",
-          "--steps", "3", "--batch-size", "2", "--warmup-steps", "1", "--test-windows", "2",
-          "--valid-windows", "2", "--corpus-root", str(corpus_root), "--out", str(folder),
-          "--no-progress", *[a for k, v in LONGER["mini-gpt2"].items()
-                             for a in ("--set", f"{k}={v}")]])
+    args = ["--recall-share", "0.2", "--model", "mini-gpt2", "--steps", "3", "--batch-size",
+            "2", "--warmup-steps", "1", "--test-windows", "2", "--valid-windows", "2",
+            "--corpus-root", str(corpus_root), "--out", str(folder), "--no-progress",
+            *[a for k, v in LONGER["mini-gpt2"].items() for a in ("--set", f"{k}={v}")]]
+    main(["--ablate", "cut", "bos+recall", *args])
     rows = json.loads((folder / "ablation.json").read_text())
     assert [r["variant"] for r in rows] == ["cut", "bos+recall"]
     cut, bos = rows
@@ -367,6 +367,11 @@ def test_ablate_trains_the_variants_and_tabulates_them(tmp_path, corpus_root):
     assert "| cut | 3 |" in table and "| bos+recall | 3 |" in table
     assert (folder / "bos+recall" / "model.safetensors").is_file()
     assert not (folder / "README.md").exists()  # no card: these are not models to ship
+    weights = (folder / "cut" / "model.safetensors").stat().st_mtime_ns
+    (folder / "ablation.md").unlink()
+    main(["--ablate", "bos+recall", "cut", "--resume", *args])  # both measured: only the table
+    assert (folder / "ablation.md").read_text() == table
+    assert (folder / "cut" / "model.safetensors").stat().st_mtime_ns == weights
     base = tiny_config(tmp_path)
     with pytest.raises(ValueError, match="unknown variant"):
         ablate(base, ["cut+bos"], tmp_path)

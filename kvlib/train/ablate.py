@@ -18,6 +18,9 @@ measured on held-out text, each model as it was trained (with or without the sta
   ``context / 4``, which cannot hold the binding (so: chance).
 
 ``<folder>/ablation.md`` and ``ablation.json`` tabulate every variant measured in the folder.
+Variants can train in parallel, one process each (``--threads 1``); then ``--ablate ...
+--resume`` keeps every variant already measured at the end of the same run and only rewrites the
+table.
 """
 
 from __future__ import annotations
@@ -63,12 +66,16 @@ def variant_config(base: TrainConfig, name: str, folder: Path) -> TrainConfig:
 def ablate(base: TrainConfig, variants: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
            folder: str | Path | None = None, resume: bool = False,
            command: str | None = None) -> list[dict]:
-    """Train every variant of ``base`` (resuming those with a checkpoint, with ``resume``),
-    measure it, write ``folder/<variant>/ablation.json`` and the table; every row of it."""
+    """Train every variant of ``base`` (with ``resume``: continuing those with a checkpoint and
+    keeping those measured at the end of the same run), measure it, write
+    ``folder/<variant>/ablation.json`` and the table; every row of it."""
     folder = Path(folder) if folder is not None else Path("checkpoints/ablations") / base.model
     configs = [variant_config(base, v, folder) for v in variants]  # errors before any training
-    data = build_data(base.arch.vocab_size, base.corpus_root)
-    for name, cfg in zip(variants, configs, strict=True):
+    if resume:
+        configs = [c for c in configs if not _measured(c)]
+    data = build_data(base.arch.vocab_size, base.corpus_root) if configs else None
+    for cfg in configs:
+        name = Path(cfg.out).name
         again = resume and cfg.checkpoint_path.is_file()
         trainer = (Trainer.resume(cfg, data) if again else Trainer(cfg, data)).run()
         metrics = finish(trainer, command)
@@ -77,6 +84,15 @@ def ablate(base: TrainConfig, variants: list[str] | tuple[str, ...] = DEFAULT_VA
                **measure(load_model(cfg.out_dir), data, cfg.bos)}
         (cfg.out_dir / RESULT_FILE).write_text(json.dumps(row, indent=1) + "\n")
     return write_table(folder)
+
+
+def _measured(cfg: TrainConfig) -> bool:
+    """Whether ``cfg``'s variant was measured at the end of its schedule, with these settings."""
+    path = cfg.out_dir / RESULT_FILE
+    if not path.is_file():
+        return False
+    row = json.loads(path.read_text())
+    return not TrainConfig.from_dict(row["train"]).differences(cfg) and row["steps"] == cfg.steps
 
 
 def first_token_attention(model: CausalLM, ids: torch.Tensor, skip: int = 4) -> torch.Tensor:
