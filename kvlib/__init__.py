@@ -33,6 +33,7 @@ from .generate import (
 from .loading import load_model
 from .machine import environment
 from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, LlamaModel
+from .passkey import Recall, recall
 from .serving import BlockPool, Engine
 from .timing import Stopwatch, device_sync
 from .tokenizer import (
@@ -59,5 +60,5 @@ __all__ = [
     "decode_one", "device_sync", "pad_prompts", "encode", "environment", "generate",
     "generate_stream",
     "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
-    "sample", "show_source", "tokenizer_for",
+    "Recall", "recall", "sample", "show_source", "tokenizer_for",
 ]

@@ -14,7 +14,17 @@ import kvlib
 from kvlib import loading
 from kvlib.corpus import split_of
 from kvlib.evaluate import load_test_slice
-from kvlib.train import Batches, TrainConfig, Trainer, build_data, card_text, lr_at, main
+from kvlib.train import (
+    Batches,
+    TrainConfig,
+    Trainer,
+    ablate,
+    build_data,
+    card_text,
+    fixed_windows,
+    lr_at,
+    main,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KVLIB = Path(kvlib.__file__).parent
@@ -235,3 +245,135 @@ def test_shipped_models_come_with_a_long_held_out_text(shipped):
     assert long.shape == (1, 4096) and (long < model.cfg.vocab_size).all()
     assert kvlib.held_out(name, long=False).shape == (metrics["test"]["windows"],
                                                      metrics["test"]["window_tokens"])
+
+
+# --- start tokens, passkey episodes, longer contexts, ablations --------------------------------
+
+LONGER = {m: {**TINY[m], "context_length": 96} for m in TINY}  # room for passkey episodes
+
+
+def test_windows_open_with_the_start_token_only_when_asked(data):
+    ids, eot = data.ids["train"], data.tokenizer.eot_id
+    plain, bos = Batches(ids, 4, 16, seed=1), Batches(ids, 4, 16, seed=1, bos_id=eot)
+    firsts = []
+    for step in range(6):
+        x, y = bos(step)
+        assert x.shape == y.shape == (4, 16) and (x[:, 0] == eot).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for b in range(4):  # then the stream, advancing seq_len tokens a window
+            _, _, k = bos.source(step * 4 + b)
+            assert y[b].tolist() == ids[k * 16 : k * 16 + 16].tolist()
+        firsts += plain(step)[0][:, 0].tolist()
+    assert sum(f != eot for f in firsts) > len(firsts) // 2  # cut at random places
+    assert plain.n_windows == (len(ids) - 1) // 16 and bos.n_windows == len(ids) // 16
+    windows = fixed_windows(data.ids["valid"], 3, 16, bos_id=eot)
+    assert windows.shape == (3, 16) and (windows[:, 0] == eot).all()
+    assert windows[0, 1:].tolist() == data.ids["valid"][:15].tolist()
+
+
+def test_passkey_episodes_are_mixed_in_at_their_share(data):
+    import re
+
+    from kvlib.passkey import Passkeys, is_held_out
+
+    ids, tok = data.ids["train"], data.tokenizer
+    keys = Passkeys(tok)
+    batches = Batches(ids, 4, 96, 5, tok.eot_id, keys, share=0.25)
+    kinds = [batches.source(i)[0] for i in range(batches.n_rows)]  # one epoch
+    assert kinds.count("window") == batches.n_windows  # every window still once
+    assert kinds.count("episode") == batches.n_episodes == round(batches.n_windows / 3)
+    seen = 0
+    for i, kind in enumerate(kinds[:40]):
+        row = batches.row(i)
+        assert row.shape == (97,) and row[0] == tok.eot_id
+        if kind == "episode":
+            text = tok.decode(row.tolist())
+            (name, value), = re.findall(r"(?:\n|<\|endoftext\|>)([A-Z_]+) = (\d{5})\n", text)
+            assert f"\nassert {name} == {value}\n" in text and not is_held_out(int(value))
+            seen += 1
+    assert seen
+    again = Batches(ids, 4, 96, 5, tok.eot_id, keys, share=0.25)
+    assert torch.equal(again(7)[0], batches(7)[0]) and torch.equal(again(2)[0], batches(2)[0])
+    with pytest.raises(ValueError, match="share of passkey episodes"):
+        Batches(ids, 4, 96, 5, share=1.0)
+    with pytest.raises(ValueError, match="Passkeys"):
+        Batches(ids, 4, 96, 5, share=0.1)
+    with pytest.raises(ValueError, match="too short for a passkey episode"):
+        Batches(ids, 4, 16, 5, None, keys, share=0.5)(0)
+    with pytest.raises(ValueError, match="recall_share"):
+        TrainConfig(steps=1, recall_share=-0.1)
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_resume_is_bit_for_bit_with_start_tokens_and_episodes(tmp_path, data, model):
+    kw = dict(bos=True, recall_share=0.25, model_overrides=LONGER[model])
+    whole = Trainer(tiny_config(tmp_path / "a", model, **kw), data).run()
+    cfg = tiny_config(tmp_path / "b", model, **kw)
+    Trainer(cfg, data).run(stop_at=5)
+    torch.manual_seed(999)
+    resumed = Trainer.resume(cfg, data)
+    resumed.run()
+    for (name, a), b in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert whole.history["loss"] == resumed.history["loss"]
+    assert (whole.valid[:, 0] == data.tokenizer.eot_id).all()
+    with pytest.raises(ValueError, match="another run.*bos"):
+        Trainer.resume(replace(cfg, bos=False), data)
+    assert "--bos" in cfg.command() and "--recall-share 0.25" in cfg.command()
+
+
+def test_a_longer_context_with_start_tokens_reaches_the_files_and_the_card(tmp_path,
+                                                                           corpus_root):
+    out = tmp_path / "trained" / "mini-llama"
+    m = main(["--model", "mini-llama", "--steps", "3", "--batch-size", "2", "--warmup-steps",
+              "1", "--test-windows", "3", "--valid-windows", "2", "--corpus-root",
+              str(corpus_root), "--out", str(out), "--checkpoint-dir", str(tmp_path / "c"),
+              "--no-progress", "--bos", "--recall-share", "0.2",
+              *[a for k, v in LONGER["mini-llama"].items() for a in ("--set", f"{k}={v}")]])
+    eot = kvlib.tokenizer_for(kvlib.load_model(out)).eot_id
+    windows = load_test_slice(out / "test_slice.json")
+    assert windows.shape == (3, 96) and (windows[:, 0] == eot).all()
+    assert load_test_slice(out / "test_long.json")[0, 0] == eot
+    assert m["test_full"]["window_tokens"] == 96 and m["tokens_seen"] == 3 * 2 * 96
+    assert m["recall"] and {r["distance"] for r in m["recall"]} <= set(range(28, 96))
+    assert all(0 <= r["accuracy"] <= 1 and r["chance"] < 1e-4 for r in m["recall"])
+    assert "--bos" in m["reproduce"] and "--recall-share 0.2" in m["reproduce"]
+    card = (out.parent / "README.md").read_text()
+    assert "Their context is 96 tokens" in card and "opens with `<|endoftext|>`" in card
+    assert "20% of the rows are passkey episodes" in card and "Passkey recall on 64" in card
+
+
+def test_ablate_trains_the_variants_and_tabulates_them(tmp_path, corpus_root):
+    folder = tmp_path / "ablations"
+    args = ["--recall-share", "0.2", "--model", "mini-gpt2", "--steps", "3", "--batch-size",
+            "2", "--warmup-steps", "1", "--test-windows", "2", "--valid-windows", "2",
+            "--corpus-root", str(corpus_root), "--out", str(folder), "--no-progress",
+            *[a for k, v in LONGER["mini-gpt2"].items() for a in ("--set", f"{k}={v}")]]
+    main(["--ablate", "cut", "bos+recall", *args])
+    rows = json.loads((folder / "ablation.json").read_text())
+    assert [r["variant"] for r in rows] == ["cut", "bos+recall"]
+    cut, bos = rows
+    assert cut["train"]["bos"] is False and bos["train"]["bos"] is True
+    assert cut["train"]["recall_share"] == 0 and bos["train"]["recall_share"] == 0.2
+    assert len(bos["first_token_attention_per_layer"]) == 1  # one layer
+    assert all(0 <= m <= 1 for r in rows for m in r["first_token_attention_per_layer"])
+    assert cut["window"] == 24 and cut["sinks_cache"] == "evict"  # GPT-2: no moved sinks
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("perplexity_full", "perplexity_sliding",
+                                                 "perplexity_sinks"))
+        assert r["recall_distance"] == 48 and r["recall_sliding"] == 0.0  # out of view
+    table = (folder / "ablation.md").read_text()
+    assert "| cut | 3 |" in table and "| bos+recall | 3 |" in table
+    assert (folder / "bos+recall" / "model.safetensors").is_file()
+    assert not (folder / "README.md").exists()  # no card: these are not models to ship
+    weights = (folder / "cut" / "model.safetensors").stat().st_mtime_ns
+    (folder / "ablation.md").unlink()
+    main(["--ablate", "bos+recall", "cut", "--resume", *args])  # both measured: only the table
+    assert (folder / "ablation.md").read_text() == table
+    assert (folder / "cut" / "model.safetensors").stat().st_mtime_ns == weights
+    base = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match="unknown variant"):
+        ablate(base, ["cut+bos"], tmp_path)
+    with pytest.raises(ValueError, match="--recall-share"):
+        ablate(base, ["bos+recall"], tmp_path)

@@ -130,14 +130,16 @@ beside each model as `vocab.json`.
 
 
 def _abilities(runs: list[dict]) -> str:
-    ctx = runs[0]["config"]["context_length"]
+    contexts = [r["config"]["context_length"] for r in runs]
+    ctx = (f"{contexts[0]} tokens" if len(set(contexts)) == 1 else
+           ", ".join(f"{c} tokens (`{r['model']}`)" for c, r in zip(contexts, runs, strict=True)))
     return f"""## What they can and cannot do
 
 They continue Python source in the style of the standard library: indentation, keywords,
 `self.` attributes, docstrings and comments that read like the library's, names that exist in it.
 They do not understand code: what they write rarely runs, they repeat themselves under greedy
 decoding, and they know nothing beyond the standard library (no prose, no other languages, no
-instructions). Their context is {ctx} tokens. The perplexities compare these two models with
+instructions). Their context is {ctx}. The perplexities compare these two models with
 each other; they do not compare with models that use another tokenizer or corpus.
 """
 
@@ -149,6 +151,7 @@ def _model(run: dict) -> str:
         text = s["prompt"] + s["completion"]
         fence = "````" if "```" in text else "```"
         samples.append(f"{fence}python\n{text}\n{fence}")
+    win, rec = _windows(run), _recall(run)
     how = {"steps": "the schedule's end", "time": "the time budget (--minutes)",
            "stop_at": "--stop-at"}.get(run["stopped_by"], "an interruption")
     return f"""## `{run['model']}`
@@ -158,11 +161,11 @@ def _model(run: dict) -> str:
 {run['steps']} steps of {run['tokens_per_step']} tokens ({t['batch_size']} sequences of
 {run['config']['context_length']}), stopped by {how}; AdamW (peak learning rate {t['lr']},
 {t['warmup_steps']} warm-up steps, cosine to {t['min_lr_ratio']} of it, weight decay
-{t['weight_decay']}), seed {t['seed']}. Held-out: {run['test']['tokens_scored']:,} tokens in
+{t['weight_decay']}), seed {t['seed']}.{win} Held-out: {run['test']['tokens_scored']:,} tokens in
 {run['test']['windows']} windows (`{run['model']}/test_slice.json`), mean loss
 {run['test']['mean_nll']:.4f}, perplexity {run['test']['perplexity']:.3f}; the whole test split:
 perplexity {run['test_full']['perplexity']:.3f} over {run['test_full']['tokens_scored']:,} tokens.
-
+{rec}
 Trained with `{run['command']}` on {run['created'][:10]}; the same weights again:
 `{run['reproduce']}` (same machine and thread count).{_rerun(run)}
 
@@ -171,6 +174,27 @@ cache):
 
 {(chr(10) * 2).join(samples)}
 """
+
+
+def _windows(run: dict) -> str:
+    """How the training windows start, and the passkey episodes mixed in (both off before)."""
+    t, text = run["train"], ""
+    if t.get("bos"):
+        text += " Every window opens with `<|endoftext|>` (a start token, as in pretraining)."
+    if t.get("recall_share"):
+        text += (f" {100 * t['recall_share']:g}% of the rows are passkey episodes (`kvlib.passkey`"
+                 ": a 5-digit value bound in code of the train split and asserted further down).")
+    return text
+
+
+def _recall(run: dict) -> str:
+    """Passkey recall on held-out episodes, full attention (metrics since it was added)."""
+    if not run.get("recall"):
+        return ""
+    parts = [f"distance {r['distance']}: {100 * r['accuracy']:.0f}% (without the binding "
+             f"{100 * r['without_binding']:.0f}%)" for r in run["recall"]]
+    return (f"\nPasskey recall on {run['recall'][0]['episodes']} held-out episodes "
+            f"(`kvlib.recall`, full attention): {'; '.join(parts)}.\n")
 
 
 def _rerun(run: dict) -> str:
@@ -201,8 +225,9 @@ def record_rerun(folder: str | Path, name: str | None = None) -> dict:
     name = name or rerun["model"]
     shipped_dir = loading.TRAINED_DIR / name
     shipped = json.loads((shipped_dir / METRICS_FILE).read_text())
-    if rerun["train"] != {**shipped["train"], "out": rerun["train"]["out"],
-                          "checkpoint_dir": rerun["train"]["checkpoint_dir"]}:
+    settings = [{**TrainConfig.from_dict(r["train"]).to_dict(), "out": None, "checkpoint_dir": None}
+                for r in (rerun, shipped)]  # a setting added since has its default in both
+    if settings[0] != settings[1]:
         raise ValueError(f"{folder} is not a rerun of the shipped {name}: the settings differ")
     digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
               for d in (folder, shipped_dir)]

@@ -12,11 +12,12 @@ import torch
 
 from ..loading import TRAINED, TRAINED_DIR
 from ..models import PRESETS
+from .ablate import DEFAULT_VARIANTS, ablate, table_text
 from .card import record_rerun, write_card
 from .config import CLI_SETTINGS, TrainConfig
 from .data import build_data
 from .loop import Trainer
-from .results import LONG_FILE, finish, save_long_text
+from .results import LONG_FILE, METRICS_FILE, finish, save_long_text
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None,
@@ -63,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="change a field of the model's config, e.g. --set n_layers=2")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--bos", action="store_true", help="open every training window with "
+                   "<|endoftext|> (default: windows cut at random places)")
     p.add_argument("--no-autocast", action="store_true", help="train in float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
@@ -71,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--record-rerun", metavar="FOLDER", help="compare the rerun written to "
                    "FOLDER (--out) with the shipped model, record it in its metrics, rewrite the "
                    "card, then stop")
+    p.add_argument("--ablate", nargs="*", metavar="VARIANT", help="train these variants of the "
+                   "run (default: cut bos; +recall mixes in passkey episodes at --recall-share) "
+                   "into --out (default checkpoints/ablations/<model>/), measure them, write "
+                   "ablation.md and ablation.json there, then stop")
     p.add_argument("--long-text", action="store_true", help=f"only write {LONG_FILE} (the "
                    "long held-out text) beside the trained models, then stop")
     return p
@@ -89,7 +96,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         for name in TRAINED:
             folder = TRAINED_DIR / name
             if folder.is_dir():
-                save_long_text(build_data(PRESETS[name].vocab_size, args.corpus_root), folder)
+                metrics = folder / METRICS_FILE
+                bos = metrics.is_file() and json.loads(metrics.read_text())["train"].get("bos")
+                save_long_text(build_data(PRESETS[name].vocab_size, args.corpus_root), folder,
+                               bool(bos))
                 print(f"wrote {folder / LONG_FILE}")
         return None
     if args.threads:
@@ -99,9 +109,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         **{name: getattr(args, name) for name in CLI_SETTINGS},
         model_overrides=dict(args.set), corpus_root=args.corpus_root, out=args.out,
         checkpoint_dir=args.checkpoint_dir, autocast=not args.no_autocast,
-        progress=not args.no_progress)
+        progress=not args.no_progress, bos=args.bos)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "kvlib.train", *argv])
+    if args.ablate is not None:
+        rows = ablate(cfg, args.ablate or DEFAULT_VARIANTS, args.out, args.resume, command)
+        print(table_text(rows))
+        return None
     m = train(cfg, args.resume, args.stop_at, command, card=not args.no_card)
     print(f"{m['model']}: {m['steps']} steps in {m['seconds'] / 60:.1f} min "
           f"({m['tokens_per_s']:,.0f} tokens/s), held-out perplexity {m['test']['perplexity']:.3f}"

@@ -14,9 +14,11 @@ from ..models import PRESETS, GPTConfig, LlamaConfig
 # What must match for a resumed run to continue the same run (a different --minutes is fine).
 # The settings the command line takes as --name (the others: see TrainConfig's fields).
 CLI_SETTINGS = ("seed", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                "grad_clip", "eval_every", "checkpoint_every", "valid_windows", "test_windows")
+                "grad_clip", "eval_every", "checkpoint_every", "valid_windows", "test_windows",
+                "recall_share")
 SAME_RUN = ("model", "model_overrides", "seed", "steps", "batch_size", "lr", "min_lr_ratio",
-            "warmup_steps", "weight_decay", "betas", "grad_clip", "autocast", "corpus_root")
+            "warmup_steps", "weight_decay", "betas", "grad_clip", "autocast", "corpus_root",
+            "bos", "recall_share")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class TrainConfig:
     checkpoint_every: int = 200  # write the checkpoint every this many steps (and at the end)
     valid_windows: int = 16  # windows of the validation split, scored at every evaluation
     test_windows: int = 64  # the fixed held-out slice of the test split the card reports
+    bos: bool = False  # every window opens with <|endoftext|> (else: cut at random places)
+    recall_share: float = 0.0  # share of training rows that are passkey episodes (kvlib.passkey)
     model_overrides: dict = field(default_factory=dict)  # e.g. {"n_layers": 2}, for tests
     corpus_root: str | None = None  # the stdlib to read (default: this Python's)
     out: str | None = None  # default kvlib/trained/<model>/
@@ -63,6 +67,9 @@ class TrainConfig:
         if self.steps is None and self.warmup_steps < 1:
             raise ValueError("a run given only --minutes times its warm-up steps to choose its "
                              "length: give it --warmup-steps 1 or more")
+        if not 0 <= self.recall_share < 1:
+            raise ValueError(f"recall_share is a share of the training rows, in [0, 1), got "
+                             f"{self.recall_share}")
         object.__setattr__(self, "betas", tuple(self.betas))
 
     @property
@@ -109,6 +116,8 @@ class TrainConfig:
                 args += ["--" + name.replace("_", "-"), str(value)]
         for key, value in self.model_overrides.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
+        if self.bos:
+            args.append("--bos")
         if not self.autocast:
             args.append("--no-autocast")
         if self.corpus_root is not None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..evaluate import perplexity
 from ..models import CausalLM, build_model
+from ..passkey import passkeys_for
 from ..timing import Stopwatch
 from .config import TrainConfig
 from .data import Batches, TokenData, fixed_windows
@@ -58,8 +59,12 @@ class Trainer:
         self.model = build_model(arch).train()
         self.model.tokenizer = data.tokenizer
         self.optimizer = make_optimizer(self.model, cfg)
-        self.batches = Batches(data.ids["train"], cfg.batch_size, arch.context_length, cfg.seed)
-        self.valid = fixed_windows(data.ids["valid"], cfg.valid_windows, arch.context_length)
+        self.bos_id = data.tokenizer.eot_id if cfg.bos else None
+        passkeys = passkeys_for(data.tokenizer) if cfg.recall_share else None
+        self.batches = Batches(data.ids["train"], cfg.batch_size, arch.context_length, cfg.seed,
+                               self.bos_id, passkeys, cfg.recall_share)
+        self.valid = fixed_windows(data.ids["valid"], cfg.valid_windows, arch.context_length,
+                                   self.bos_id)
         self.step, self.total_steps = 0, cfg.steps
         self.seconds = 0.0  # wall time of the run so far: steps, evaluations, checkpoints
         self.step_seconds = 0.0  # of the optimizer steps alone

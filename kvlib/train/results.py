@@ -22,15 +22,17 @@ from ..generate import generate
 from ..loading import load_model, save_model
 from ..machine import environment_info
 from ..models import CausalLM, GPTModel
+from ..passkey import MAX_VALUE_TOKENS, passkeys_for, recall
 from ..plots.figure import figure_png
 from ..plots.training import plot_training
-from .data import TokenData, fixed_windows
+from .data import TokenData, consecutive_windows, fixed_windows
 from .loop import Trainer
 
 METRICS_FILE, LOSS_FILE = "metrics.json", "loss.png"
-LONG_TOKENS = 4096  # 16x the mini models' context
+LONG_TOKENS = 4096  # several times the mini models' context (256 tokens, or 512, 1024)
 PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
 SAMPLE_TOKENS = 60
+RECALL_EPISODES = 64  # held-out passkey episodes per distance
 
 
 def save_test_slice(windows: torch.Tensor, path: Path, source: str = "") -> None:
@@ -40,25 +42,28 @@ def save_test_slice(windows: torch.Tensor, path: Path, source: str = "") -> None
                     f'"source": {json.dumps(source)}, "windows": [\n{rows}\n]}}\n')
 
 
-def long_text(data: TokenData, tokens: int = LONG_TOKENS) -> tuple[torch.Tensor, str]:
+def long_text(data: TokenData, tokens: int = LONG_TOKENS, bos: bool = False
+              ) -> tuple[torch.Tensor, str]:
     """The first ``tokens`` tokens of the longest file of the test split (``(1, tokens)``, fewer
     if that file is shorter), and its name: one file, so that a name defined early and used late
-    is really the same name."""
+    is really the same name. With ``bos``: ``<|endoftext|>`` and ``tokens - 1`` of the file."""
     ids, eot = data.ids["test"], data.tokenizer.eot_id
     ends = np.flatnonzero(ids == eot)
     starts = np.r_[0, ends[:-1] + 1]
     longest = int(np.argmax(ends - starts))
     start = int(starts[longest])
-    end = min(start + tokens, int(ends[longest]))
-    window = torch.from_numpy(ids[start:end].astype(np.int64))[None]
+    end = min(start + tokens - bos, int(ends[longest]))
+    window = torch.from_numpy(np.r_[[eot] * bos, ids[start:end]].astype(np.int64))[None]
     return window, data.manifest.get("test_files", [None] * len(ends))[longest] or ""
 
 
-def save_long_text(data: TokenData, out: Path) -> None:
+def save_long_text(data: TokenData, out: Path, bos: bool = False) -> None:
     """Write ``test_long.json`` into ``out`` (``python -m kvlib.train --long-text`` does it for
-    models trained before it existed)."""
-    window, name = long_text(data)
-    save_test_slice(window, out / LONG_FILE, f"the first {window.shape[1]} tokens of {name}")
+    models trained before it existed); ``bos`` as the model was trained."""
+    window, name = long_text(data, bos=bos)
+    start = "<|endoftext|>, then " if bos else ""
+    save_test_slice(window, out / LONG_FILE,
+                    f"{start}the first {window.shape[1] - bos} tokens of {name}")
 
 
 def score(model: CausalLM, windows: torch.Tensor) -> dict:
@@ -68,15 +73,35 @@ def score(model: CausalLM, windows: torch.Tensor) -> dict:
             "perplexity": result.perplexity, "sha256": windows_sha256(windows)}
 
 
-def samples(model: CausalLM) -> list[dict]:
-    """Greedy continuations of a few prompts (the prealloc cache), within the context."""
+def samples(model: CausalLM, bos: bool = False) -> list[dict]:
+    """Greedy continuations of a few prompts (the prealloc cache), within the context; after
+    ``<|endoftext|>`` with ``bos``, as the model was trained."""
     tok = model.tokenizer
     out = []
     for prompt in PROMPTS:
-        ids = torch.tensor([tok.encode(prompt)])
+        ids = torch.tensor([[tok.eot_id] * bos + tok.encode(prompt)])
         n = min(SAMPLE_TOKENS, model.cfg.context_length - ids.shape[1])
         tokens = generate(model, ids, n, cache="prealloc").tokens[0, ids.shape[1]:]
         out.append({"prompt": prompt, "completion": tok.decode(tokens.tolist())})
+    return out
+
+
+def recall_scores(model: CausalLM, data: TokenData, bos: bool, n: int = RECALL_EPISODES
+                  ) -> list[dict]:
+    """Passkey recall on held-out episodes (the test split's code), full attention, at a few
+    distances up to the longest that fits the context."""
+    ctx = model.cfg.context_length
+    keys = passkeys_for(data.tokenizer)
+    prefix = min(16, ctx // 8)
+    longest = ctx - bos - prefix - keys.max_head - MAX_VALUE_TOKENS - 1
+    distances = sorted({d for d in (ctx // 8, ctx // 4, ctx // 2, longest)
+                        if keys.min_distance <= d <= longest})
+    out = []
+    for d in distances:
+        r = recall(model, distance=d, n=n, prefix=prefix, bos=bos, filler=data.ids["test"])
+        out.append({"distance": d, "episodes": n, "accuracy": r.accuracy,
+                    "token_accuracy": r.token_accuracy, "without_binding": r.without_binding,
+                    "chance": r.chance})
     return out
 
 
@@ -86,12 +111,11 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
     out = cfg.out_dir
     ctx = cfg.arch.context_length
     save_model(trainer.model, out)  # bfloat16 safetensors, config.json, vocab.json
-    windows = fixed_windows(data.ids["test"], cfg.test_windows, ctx)
+    windows = fixed_windows(data.ids["test"], cfg.test_windows, ctx, trainer.bos_id)
     save_test_slice(windows, out / SLICE_FILE)
-    save_long_text(data, out)
+    save_long_text(data, out, cfg.bos)
     shipped = load_model(out)  # float32, as a reader gets it
-    test_ids = data.ids["test"]
-    whole = torch.from_numpy(test_ids[: len(test_ids) // ctx * ctx].astype(np.int64))
+    whole = consecutive_windows(data.ids["test"], ctx, trainer.bos_id)
     metrics = {
         "model": cfg.model, "family": "gpt2" if isinstance(shipped, GPTModel) else "llama",
         "config": asdict(cfg.arch),
@@ -105,9 +129,10 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
         "tokens_per_s": trainer.step * trainer.tokens_per_step / max(trainer.step_seconds, 1e-9),
         "final_train_loss": float(np.mean(trainer.history["loss"][-50:])),
         "valid_loss": trainer.history["valid_loss"][-1],
-        "test": score(shipped, windows), "test_full": score(shipped, whole.view(-1, ctx)),
+        "test": score(shipped, windows), "test_full": score(shipped, whole),
+        "recall": recall_scores(shipped, data, cfg.bos),
         "corpus": data.manifest, "vocab_size": data.tokenizer.vocab_size,
-        "samples": samples(shipped), "sample_tokens": SAMPLE_TOKENS,
+        "samples": samples(shipped, cfg.bos), "sample_tokens": SAMPLE_TOKENS,
         "reproduce": cfg.command(trainer.total_steps, None if trainer.step == trainer.total_steps
                                  else trainer.step) + f" --threads {torch.get_num_threads()}",
         "command": command or " ".join(["python -m kvlib.train", *sys.argv[1:]]),
