@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .caches import strategy
 from .generate import decode_one, prefill
 from .loading import TRAINED, TRAINED_DIR
 from .models import CausalLM, check_token_ids
@@ -131,15 +132,16 @@ def perplexity(model: CausalLM, ids: Sequence[int] | Tensor, cache: str | None =
     """
     rows = _as_rows(ids, model)
     name = "none" if cache is None else cache
+    traits = strategy(name).traits  # nothing kept: every loss comes from one pass (or a window's)
     with preserved_state(model):
         model.eval()
         top1 = torch.empty(rows.shape[0], rows.shape[1] - 1, dtype=torch.long,
                            device=rows.device)  # (B, T - 1)
-        if name == "none" and not stream:
+        if not traits.keeps_tokens and not traits.recomputes_window and not stream:
             nll = torch.cat([_one_forward(model, rows[i : i + batch_size], window,
                                           top1[i : i + batch_size])
                              for i in range(0, rows.shape[0], batch_size)])
-        elif name == "recompute" and not stream:
+        elif traits.recomputes_window and not stream:
             nll = torch.stack([_recomputed(model, row, window, 8 * batch_size) for row in rows])
             top1 = None
         else:

@@ -149,7 +149,7 @@ def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | No
             f"prompts of different lengths work with caches {takers} (None for 'none'), not "
             f"{name!r}: its slots hold one position per slot for the whole batch. Generate the "
             "prompts one at a time, or serve them with kvlib.Engine (a paged cache)")
-    if pad is not None and model.hard_context and name == "none" \
+    if pad is not None and model.hard_context and not cls.traits.keeps_tokens \
             and idx.shape[1] + max_new_tokens > model.cfg.context_length:
         raise ValueError(
             f"the padded batch needs {idx.shape[1] + max_new_tokens} positions but GPT-2 has "
@@ -157,9 +157,8 @@ def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | No
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if model.hard_context:
-        recomputes = not cls.traits.keeps_tokens  # nothing cached: no position runs out
         _check_hard_context(idx.shape[1], max_new_tokens, model.cfg.context_length,
-                            "none" if recomputes else name)
+                            cls.traits.keeps_tokens)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -167,13 +166,14 @@ def _validate(model: CausalLM, idx: Tensor, max_new_tokens: int, cache: str | No
     return name
 
 
-def _check_hard_context(T: int, max_new_tokens: int, ctx: int, cache: str) -> None:
-    """GPT-2's learned positions end at ``ctx``: a prompt or a cached run cannot go past them.
-    (A RoPE model can; it warns once instead, see ``CausalLM.check_positions``.)"""
+def _check_hard_context(T: int, max_new_tokens: int, ctx: int, keeps_tokens: bool) -> None:
+    """GPT-2's learned positions end at ``ctx``: a prompt, or a run whose cache keeps its tokens
+    (so its positions only grow), cannot go past them. (A RoPE model can; it warns once instead,
+    see ``CausalLM.check_positions``.)"""
     if T > ctx:
         raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: "
                          f"keep the last {ctx} tokens, e.g. idx[:, -{ctx}:]")
-    if cache != "none" and T + max_new_tokens > ctx:
+    if keeps_tokens and T + max_new_tokens > ctx:
         raise ValueError(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
             f"tokens, but GPT-2 has {ctx} learned positions and a cache cannot go past them: "

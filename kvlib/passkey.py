@@ -303,7 +303,8 @@ def _answered(model: CausalLM, rows: Tensor, episodes: list[Episode], cache: str
               window: int | None, options: dict) -> tuple[Tensor, float]:
     """Which episodes' answers are every one the argmax ``(n,)``, and the share of tokens."""
     result = perplexity(model, rows, cache=cache, window=window,
-                        stream=cache == "recompute", **options)
+                        stream=cache is not None and strategy(cache).traits.recomputes_window,
+                        **options)  # streamed: the one-pass window gives no argmax
     top1 = result.top1.view(rows.shape[0], -1)  # prediction t is of token t + 1
     hits = [top1[i, e.answer - 1 : e.answer - 1 + e.answer_len] ==
             rows[i, e.answer : e.answer + e.answer_len] for i, e in enumerate(episodes)]
