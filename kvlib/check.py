@@ -69,6 +69,9 @@ def check_cache(cache_cls: type, *, window: int | None = None, max_len: int = 64
             lambda n=prompt_len: _check_tokens(model, make, W, n))
     run("logits", lambda: _check_logits(model, make, W))
     run("nbytes", lambda: _check_nbytes(model, make, W, max_len))
+    if isinstance(cache_cls, type) and issubclass(cache_cls, KVCache) \
+            and cache_cls.crop is not KVCache.crop:  # it says it can roll back: check it
+        run("rollback", lambda: _check_rollback(model, make, W))
     if verbose:
         print(f"{cache_cls.__name__} passed all {len(passed)} checks")
     return passed
@@ -258,3 +261,52 @@ def _check_nbytes(model: CausalLM, make: _Maker, W: int | None,
               f"({held} token slots x {per_token} bytes): does the cache keep copies, or "
               "allocate more (or less) than its capacity?")
     return f"{cache.nbytes} bytes for {held} token slots in one layer"
+
+
+@torch.no_grad()
+def _check_rollback(model: CausalLM, make: _Maker, W: int | None) -> str:
+    """A prompt, a few more tokens one at a time, ``crop`` back by 2; then the next 6 greedy
+    tokens and their logits must be a fresh cache's after the kept tokens. At most 7 tokens, and
+    no more than a window holds, so that nothing has been overwritten."""
+    total = 7 if W is None else min(7, W)
+    if total < 3:
+        return f"window {W}: too small to roll back within"
+    prompt, keep = max(1, total - 4), total - 2
+    seq = torch.randint(0, model.cfg.vocab_size, (1, total),
+                        generator=torch.Generator().manual_seed(11))
+    rolled, fresh = make.for_model(model), make.for_model(model)
+    with model.using(rolled):
+        model(seq[:, :prompt], use_cache=True)
+        for t in range(prompt, total):
+            model(seq[:, t : t + 1], use_cache=True)
+        try:
+            model.crop_kv_cache(keep)
+        except (ValueError, NotImplementedError) as err:
+            _fail(f"crop({keep}) after {total} tokens raised {type(err).__name__}: {err}. "
+                  f"Nothing has been overwritten yet, so it should keep the first {keep} tokens")
+    if any(c.get_seq_length() != keep for c in rolled):
+        _fail(f"after crop({keep}) get_seq_length() is {rolled[0].get_seq_length()}: crop must "
+              f"set the counter to {keep} (self.seen = n)")
+    with model.using(fresh):
+        model(seq[:, :keep], use_cache=True)
+    (mine, mine_logits), (want, want_logits) = (_greedy_on(model, c, seq[:, keep : keep + 1], 6)
+                                                for c in (rolled, fresh))
+    err = float((mine_logits - want_logits).abs().max())
+    if mine != want or err > TOLERANCE:
+        _fail(f"after crop({keep}) the next tokens and logits differ from a fresh cache's after "
+              f"the same {keep} tokens (logits by {err:.2g}): crop must drop the keys and "
+              f"values after position {keep}, so the next token is written and read as if they "
+              "never came")
+    return f"crop({keep}) after {total} tokens continues as a fresh cache after {keep}"
+
+
+def _greedy_on(model: CausalLM, caches: list[KVCache], first: Tensor,
+               n: int) -> tuple[list[int], Tensor]:
+    """Feed ``first`` through ``caches``, then ``n`` greedy tokens: (tokens, their logits)."""
+    with model.using(caches):
+        logits, tokens, seen = model(first, use_cache=True)[:, -1], [], []
+        for _ in range(n):
+            seen.append(logits)
+            tokens.append(int(logits.argmax(-1)))
+            logits = model(torch.tensor([[tokens[-1]]]), use_cache=True)[:, -1]
+    return tokens, torch.stack(seen)

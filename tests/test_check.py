@@ -14,7 +14,8 @@ from kvlib.check import CacheCheckError, check_cache
 def test_kvlib_caches_pass(cls, window, capsys):
     passed = check_cache(cls, window=window)
     names = [c.name for c in passed]
-    assert names[:3] == ["interface", "update", "reset"] and names[-2:] == ["logits", "nbytes"]
+    assert names[:3] == ["interface", "update", "reset"]
+    assert names[-3:] == ["logits", "nbytes", "rollback"]  # every one of these can crop
     if window:  # the window's edges: W - 1, W, W + 1 and a prompt longer than W
         assert [n for n in names if n.startswith("tokens")] == [
             f"tokens, prompt of {n}" for n in sorted({window - 1, window, window + 1,

@@ -92,6 +92,21 @@ class KVCache(nn.Module):
         """Forget every token (buffers may be kept for reuse)."""
         self.seen = 0
 
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` tokens and forget the rest (``n < 0``: drop the last ``-n``), as
+        transformers' ``DynamicCache.crop``: the next token goes at position ``n``, and
+        generating on gives the tokens of a fresh run on those ``n``. Speculative decoding rolls
+        back a draft's rejected tokens so. A strategy that cannot (its tokens were overwritten,
+        merged or scored) raises with the reason; this one has not said how."""
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back: write crop(n), which "
+                                  "keeps the first n tokens (and sets self.seen = n)")
+
+    def _kept(self, n: int) -> int:
+        """``crop``'s ``n`` as the number of tokens to keep, between 0 and ``seen``."""
+        if not isinstance(n, int):
+            raise TypeError(f"crop takes a number of tokens, got {n!r}")
+        return max(self.seen + n, 0) if n < 0 else min(n, self.seen)
+
     @property
     def capacity(self) -> int | None:
         """Most tokens the cache can hold at once; None when it grows without bound."""

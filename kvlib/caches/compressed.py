@@ -209,6 +209,23 @@ class QuantizedCache(KVCache):
         self.seen += keys.shape[2]
         return out_k, out_v
 
+    def crop(self, n: int) -> None:
+        """Roll back within the full-precision tail, to ``n`` tokens if a fresh cache given
+        those ``n`` at once would have quantized the same blocks; quantized blocks cannot be cut
+        back to full precision."""
+        n, q, G = self._kept(n), self.quantized_tokens, self.group_size
+        fresh = max(n - self.residual, 0) // G * G  # what a prefill of n tokens quantizes
+        if n < self.seen and fresh != q:
+            raise ValueError(
+                f"the first {q} tokens are quantized (in blocks of {G}), and a fresh cache given "
+                f"{n} tokens would have quantized {fresh} (keeping the newest {self.residual} "
+                f"in full precision): crop can cut only the full-precision tail, to no fewer "
+                f"than {q + self.residual} tokens, not {n}; a larger residual= leaves more room")
+        if n < self.seen:
+            self.tail_keys = self.tail_keys[:, :, : n - q]
+            self.tail_values = self.tail_values[:, :, : n - q]
+        self.seen = n
+
     def _store(self, keys: Tensor, values: Tensor) -> None:
         """Quantize ``(B, H, n * G, D)`` keys per channel and values per token; append them."""
         G = self.group_size
@@ -286,6 +303,14 @@ class EvictCache(KVCache):
             return []
         n = min(self.seen, self.budget)
         return [int(p) if s < n else -1 for s, p in enumerate(self.positions[0, 0])]
+
+    def crop(self, n: int) -> None:
+        """Eviction cannot roll back: the attention the rejected tokens paid is in the scores
+        that decide what goes next, and what they evicted is gone."""
+        if self._kept(n) < self.seen:
+            raise ValueError("EvictCache cannot roll back: its heavy-hitter scores hold the "
+                             "attention of every token it has seen, and what it evicted is "
+                             "gone; generate again from the kept text (or use another cache)")
 
     def held_positions(self) -> Tensor:
         """``(B, H, tokens_held)``: the positions each head holds, sorted."""

@@ -156,6 +156,13 @@ class RowPager:
                 self.handed_out += 1
         self.batch.set(self.tables, [start] * B, T, keys.device)
 
+    def crop(self, n: int) -> None:
+        """Every row keeps the blocks of its first ``n`` tokens; the blocks after go back (they
+        were handed out in turn, row by row, so they are the last ones handed out)."""
+        keep = math.ceil(n / self.storage.block_size)
+        self.tables = [table[:keep] for table in self.tables]
+        self.handed_out = keep * len(self.tables)
+
 
 class PagedCache(KVCache):
     """One layer's keys and values, kept in the blocks of a ``BlockStorage`` shared by all
@@ -245,6 +252,17 @@ class PagedCache(KVCache):
         if self.pager is not None:  # rows of equal length: their filled slots, in order
             return k[:, :, : self.seen], v[:, :, : self.seen]
         return k, v
+
+    def crop(self, n: int) -> None:
+        """Roll back to ``n`` tokens (``cache="paged"``: the blocks past them go back); under an
+        engine, requests are rolled back by the engine, which owns their blocks."""
+        if self.pager is None:
+            raise ValueError("this PagedCache serves an engine's requests, each with its own "
+                             "blocks: roll a request back through the engine, not the cache")
+        n = self._kept(n)
+        if self.layer == 0:
+            self.pager.crop(n)
+        self.seen = n
 
     def batch_mask(self, q_len: int, kv_len: int) -> Tensor | None:
         """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own

@@ -42,6 +42,9 @@ class NoCache(KVCache):
     def capacity(self) -> int | None:
         return 0
 
+    def crop(self, n: int) -> None:
+        self.seen = self._kept(n)  # nothing kept, nothing to cut
+
 
 class ConcatCache(KVCache):
     """The simple cache: append with ``torch.cat`` (a new tensor and a full copy every step)."""
@@ -67,6 +70,13 @@ class ConcatCache(KVCache):
     def reset(self) -> None:
         super().reset()
         self.keys, self.values = None, None
+
+    def crop(self, n: int) -> None:
+        n = self._kept(n)
+        if n == 0:
+            return self.reset()
+        self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]  # views: no copy
+        self.seen = n
 
 
 class PreallocCache(KVCache):
@@ -104,56 +114,85 @@ class PreallocCache(KVCache):
         self.seen = end
         return K[:, :, :end], V[:, :, :end]  # a view of the filled part: no copy
 
+    def crop(self, n: int) -> None:
+        self.seen = self._kept(n)  # the slots after n are written over by the next tokens
+
 
 class SlidingWindowCache(KVCache):
-    """A ring of ``window`` slots: token at position p lives in slot ``p % window``.
+    """A ring of ``window + lookahead`` slots: the token at position p lives in slot
+    ``p % slots``; attention sees the last ``window`` tokens.
 
     Decoding writes the newest token over the oldest and attends over all filled slots (their order
     does not matter: every key carries its own position, added to GPT-2's embeddings or rotated
     into a RoPE key before it is stored, so keys need no slot order). A
     multi-token update attends over the window that precedes it plus every new token, and the
     attention mask limits each query to its own last ``window`` keys, then keeps only the last
-    ``window`` tokens.
+    ``slots`` tokens.
+
+    Rolling back (``crop``) needs the ``window`` tokens before the new end, and a ring overwrites
+    its oldest: ``lookahead`` extra slots keep that many more, so the ring can roll back that
+    many tokens (a speculative draft's), at the cost of gathering the last ``window`` slots in
+    position order at each decode step.
     """
 
     name = "sliding"
     traits = Traits(reuses_slots=True)
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, lookahead: int = 0) -> None:
         super().__init__()
         if window <= 0:
             raise ValueError(f"window must be a positive number of tokens, got {window}")
-        self.window = window
-        self.register_buffer("keys", None, persistent=False)  # (B, H, window, D)
+        if not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead must be 0 or more tokens, got {lookahead!r}")
+        self.window, self.lookahead = window, lookahead
+        self.slots = window + lookahead
+        self.register_buffer("keys", None, persistent=False)  # (B, H, slots, D)
         self.register_buffer("values", None, persistent=False)
 
     @property
     def capacity(self) -> int | None:
-        return self.window
+        return self.slots
 
     def slot_positions(self) -> list[int]:
-        """The position each slot holds (-1 for an empty slot): slot ``p % window`` holds ``p``."""
-        W, n = self.window, self.seen
-        return [n - 1 - (n - 1 - s) % W if s < n else -1 for s in range(W)]
+        """The position each slot holds (-1 for an empty slot): slot ``p % slots`` holds ``p``."""
+        S, n = self.slots, self.seen
+        return [n - 1 - (n - 1 - s) % S if s < n else -1 for s in range(S)]
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         self._check(keys, values, self.keys)
-        W, start, T = self.window, self.seen, keys.shape[2]
+        W, S, start, T = self.window, self.slots, self.seen, keys.shape[2]
         if start == 0:
-            self._allocate(keys, W)
-        if T == 1:  # the decode step: overwrite the oldest slot, attend over the filled ones
-            slot = start % W
+            self._allocate(keys, S)
+        if T == 1:  # the decode step: overwrite the oldest slot, attend over the last window
+            slot = start % S
             self.keys[:, :, slot : slot + 1] = keys
             self.values[:, :, slot : slot + 1] = values
             self.seen = start + 1
-            filled = min(self.seen, W)
-            return self.keys[:, :, :filled], self.values[:, :, :filled]
+            if S == W:  # no lookahead: every filled slot is in the window
+                filled = min(self.seen, W)
+                return self.keys[:, :, :filled], self.values[:, :, :filled]
+            window = torch.arange(max(0, self.seen - W), self.seen, device=keys.device) % S
+            return self.keys[:, :, window], self.values[:, :, window]
         # Several tokens: the previous window in position order, then the new tokens.
-        past = torch.arange(max(0, start - W), start, device=keys.device) % W
+        past = torch.arange(max(0, start - W), start, device=keys.device) % S
         all_k = torch.cat([self.keys[:, :, past], keys], dim=2)
         all_v = torch.cat([self.values[:, :, past], values], dim=2)
-        keep = torch.arange(max(start, start + T - W), start + T, device=keys.device)
-        self.keys[:, :, keep % W] = keys[:, :, keep - start]
-        self.values[:, :, keep % W] = values[:, :, keep - start]
+        keep = torch.arange(max(start, start + T - S), start + T, device=keys.device)
+        self.keys[:, :, keep % S] = keys[:, :, keep - start]
+        self.values[:, :, keep % S] = values[:, :, keep - start]
         self.seen = start + T
         return all_k, all_v
+
+    def crop(self, n: int) -> None:
+        """Roll back to ``n`` tokens if the ring still holds the window before position ``n``:
+        always before it first wraps, and by up to ``lookahead`` tokens after."""
+        n = self._kept(n)
+        oldest = self.seen - self.slots  # the oldest position still in the ring
+        if self.seen > self.slots and n - self.window < oldest:
+            raise ValueError(
+                f"the ring of {self.slots} slots holds positions {oldest}..{self.seen - 1}, and "
+                f"rolling back to {n} tokens needs the window from position {n - self.window}, "
+                f"which has been overwritten: a ring rolls back only as far as its lookahead "
+                f"({self.lookahead}); set it up with lookahead={self.seen - n} or more "
+                "(model.set_kv_cache('sliding', window=..., lookahead=...))")
+        self.seen = n

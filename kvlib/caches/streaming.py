@@ -137,6 +137,18 @@ class SinkCache(KVCache):
         return self.keys, self.values
 
 
+    def crop(self, n: int) -> None:
+        """Roll back to ``n`` tokens while the ring has not wrapped (nothing overwritten yet);
+        past that the window's oldest tokens are gone, and the sinks have been moved."""
+        n = self._kept(n)
+        if self.seen > self.capacity and n < self.seen:
+            raise ValueError(
+                f"SinkCache is full ({self.n_sink} sinks + window {self.recent}) and has "
+                f"overwritten the window before position {self.seen - self.recent}: it rolls "
+                "back only until its window first fills; generate again from the kept text")
+        self.seen = n
+
+
 class RecomputeCache(NoCache):
     """StreamingLLM's "sliding window with re-computation": keep nothing, and at every step run
     the model again over the last ``window`` tokens, at positions 0 .. window-1. Its first token

@@ -174,6 +174,13 @@ class CausalLM(nn.Module):
         for cache in self.caches:
             cache.reset()
 
+    def crop_kv_cache(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens in every layer (``n < 0``: drop the last ``-n``);
+        the position counter follows, since the caches own it. A cache that cannot roll back
+        raises (see each strategy's ``crop``)."""
+        for cache in self.caches:
+            cache.crop(n)
+
     def weight_matrices(self) -> list[nn.Module]:
         """The modules whose ``weight`` is a matrix read on every decode step, except a head tied
         to the token embedding (the same tensor). Each family says which."""
