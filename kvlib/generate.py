@@ -105,7 +105,8 @@ def prefill(model: CausalLM, idx: Tensor) -> Tensor:
     takes one token per call once full (attention sinks, eviction) gets a first chunk of
     ``capacity`` tokens, then one token at a time."""
     model.reset_kv_cache()
-    cache, traits = model.caches[0], model.cache_traits
+    cache = model.caches[0]
+    traits = cache.traits
     if traits.recomputes_window:
         idx = idx[:, -cache.window:]
     first = cache.capacity if traits.one_token_when_full else None
@@ -122,7 +123,8 @@ def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     caches remember the rest, else recompute the whole (cropped) sequence. With a cache the new
     token skips the id range check: ``prefill`` checked the prompt and later tokens come from the
     model's own vocabulary."""
-    cache, traits = model.caches[0], model.cache_traits
+    cache = model.caches[0]
+    traits = cache.traits
     if not traits.keeps_tokens:  # nothing cached: recompute
         model.reset_kv_cache()
         span = cache.window if traits.recomputes_window else None  # the last window only

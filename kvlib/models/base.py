@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..caches import KVCache, LayerSpec, Traits, attention_mask, build
+from ..caches import KVCache, LayerSpec, attention_mask, build
 
 
 class CachedAttention(nn.Module):
@@ -116,11 +116,6 @@ class CausalLM(nn.Module):
         """The position counter: where the next token goes, which is how many tokens the caches
         have taken since their reset (the first layer's ``get_seq_length()``)."""
         return self.caches[0].get_seq_length()
-
-    @property
-    def cache_traits(self) -> Traits:
-        """What the caches in use declare about themselves (``kvlib.caches.Traits``)."""
-        return self.caches[0].traits
 
     def layer_specs(self) -> list[LayerSpec]:
         """What each attention layer's cache may need to know: heads, head size, context, RoPE
