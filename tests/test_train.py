@@ -317,6 +317,17 @@ def test_resume_is_bit_for_bit_with_start_tokens_and_episodes(tmp_path, data, mo
                             resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert whole.history["loss"] == resumed.history["loss"]
+    # the probes too, at every evaluation both ran (the interrupted run also evaluated at 5)
+    for key in ("valid_loss", "valid_sink", "valid_recall"):
+        then = dict(zip(resumed.history["valid_step"], resumed.history[key], strict=True))
+        for step, value in zip(whole.history["valid_step"], whole.history[key], strict=True):
+            assert then[step] == value, (key, step)
+    n_layers = len(whole.model.attention_layers)
+    evaluations = len(whole.history["valid_step"])
+    assert len(whole.history["valid_sink"]) == len(whole.history["valid_recall"]) == evaluations
+    assert all(len(s) == n_layers and all(0 <= m <= 1 for m in s)
+               for s in whole.history["valid_sink"])
+    assert all(0 <= r <= 1 for r in whole.history["valid_recall"])
     assert (whole.valid[:, 0] == data.tokenizer.eot_id).all()
     with pytest.raises(ValueError, match="another run.*bos"):
         Trainer.resume(replace(cfg, bos=False), data)

@@ -54,7 +54,7 @@ GPT2_PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(context_length=256, emb_dim=64, n_heads=4, n_layers=2),
     # Trained here on the Python standard library (python -m kvlib.train), with GPT-2's BPE cut
     # to 8192 ids (kvlib.vocab); kvlib.load_model("mini-gpt2") loads the shipped weights.
-    "mini-gpt2": GPTConfig(vocab_size=8192, context_length=256, emb_dim=192, n_heads=6,
+    "mini-gpt2": GPTConfig(vocab_size=8192, context_length=512, emb_dim=192, n_heads=6,
                            n_layers=6),
 }
 

@@ -129,7 +129,7 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         rms_norm_eps=1e-6, qk_norm=True, tie_embeddings=True),
     # Trained here like mini-gpt2 (same data, vocabulary, width and depth): 6 query heads share
     # 2 key/value heads, and the SwiGLU MLP has as many weights as mini-gpt2's 4x GELU MLP.
-    "mini-llama": LlamaConfig(vocab_size=8192, context_length=256, emb_dim=192, n_heads=6,
+    "mini-llama": LlamaConfig(vocab_size=8192, context_length=512, emb_dim=192, n_heads=6,
                               n_kv_heads=2, n_layers=6, ffn_dim=512, head_dim=32,
                               rope_theta=10000.0, tie_embeddings=True),
 }

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..caches import N_SINK
-from ..evaluate import attention_to_first, perplexity
+from ..evaluate import first_token_attention, perplexity
 from ..loading import load_model
 from ..models import CausalLM
 from ..passkey import MAX_VALUE_TOKENS, passkeys_for, recall
@@ -93,34 +93,6 @@ def _measured(cfg: TrainConfig) -> bool:
         return False
     row = json.loads(path.read_text())
     return not TrainConfig.from_dict(row["train"]).differences(cfg) and row["steps"] == cfg.steps
-
-
-def first_token_attention(model: CausalLM, ids: torch.Tensor, skip: int = 4) -> torch.Tensor:
-    """``(layers, heads)``: the softmax weight that queries at positions ``skip ..`` put on
-    position 0, averaged over them (``kvlib.attention_to_first`` for RoPE models; GPT-2's from
-    its fused projection)."""
-    layers = model.attention_layers
-    if hasattr(layers[0], "attention_weights"):
-        return attention_to_first(model, ids, n_first=1, skip=skip)
-    mass = []
-
-    def record(module, args, output):
-        B, T, _ = args[0].shape
-        q, k, _ = module.c_attn(args[0]).view(B, T, 3, module.n_heads, -1).permute(
-            2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
-        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        w = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        mass.append(w[:, :, skip:, 0].mean(dim=(0, 2)))
-
-    hooks = [layer.register_forward_hook(record) for layer in layers]
-    try:
-        with torch.inference_mode():
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack(mass).float().cpu()
 
 
 def measure(model: CausalLM, data: TokenData, bos: bool) -> dict:

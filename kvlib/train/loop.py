@@ -13,19 +13,22 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..evaluate import perplexity
+from ..evaluate import first_token_attention, perplexity
 from ..models import CausalLM, build_model
-from ..passkey import passkeys_for
+from ..passkey import passkeys_for, recall
 from ..timing import Stopwatch
 from .config import TrainConfig
 from .data import Batches, TokenData, fixed_windows
 
 CHECKPOINT_FORMAT = "kvlib train checkpoint 1"
 PROBE_STEPS = 10  # a run given only --minutes times this many steps to fix its length
+PROBE_WINDOWS = 4  # validation windows whose attention on position 0 every evaluation logs
+PROBE_EPISODES = 16  # held-out passkey episodes every evaluation scores (runs that mix them in)
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int | None) -> float:
@@ -69,7 +72,7 @@ class Trainer:
         self.seconds = 0.0  # wall time of the run so far: steps, evaluations, checkpoints
         self.step_seconds = 0.0  # of the optimizer steps alone
         self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "valid_step": [],
-                                         "valid_loss": []}
+                                         "valid_loss": [], "valid_sink": [], "valid_recall": []}
         self.stopped_by: str | None = None
 
     # --- one step ----------------------------------------------------------------------------
@@ -94,13 +97,23 @@ class Trainer:
         return loss.item()
 
     def validate(self) -> float:
-        """Mean loss on the fixed validation windows (float32, full attention)."""
+        """Mean loss on the fixed validation windows (float32, full attention); the history also
+        logs, per layer, the attention that queries put on position 0 (does a sink form?) and,
+        in a run with passkey episodes, recall at half the context on held-out episodes."""
         with Stopwatch() as sw:
             loss = perplexity(self.model, self.valid).mean_nll
+            if not self.history["valid_step"] or self.history["valid_step"][-1] != self.step:
+                sink = first_token_attention(self.model, self.valid[:PROBE_WINDOWS]).mean(dim=1)
+                found = None
+                if self.cfg.recall_share:
+                    found = recall(self.model, distance=self.cfg.arch.context_length // 2,
+                                   n=PROBE_EPISODES, bos=self.cfg.bos, baseline=False,
+                                   filler=self.data.ids["test"]).accuracy
+                for key, value in (("valid_step", self.step), ("valid_loss", loss),
+                                   ("valid_sink", [round(m, 4) for m in sink.tolist()]),
+                                   ("valid_recall", found)):
+                    self.history.setdefault(key, []).append(value)
         self.seconds += sw.seconds
-        if not self.history["valid_step"] or self.history["valid_step"][-1] != self.step:
-            self.history["valid_step"].append(self.step)
-            self.history["valid_loss"].append(loss)
         return loss
 
     # --- the loop ----------------------------------------------------------------------------
@@ -120,6 +133,8 @@ class Trainer:
             self._fix_length_from_time()
             if self.step % cfg.eval_every == 0:
                 bar.set_postfix_str(f"valid {self.validate():.3f}", refresh=False)
+                if not cfg.progress:
+                    print(self.progress_line(), flush=True)
             if self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             bar.total = self.total_steps
@@ -129,6 +144,17 @@ class Trainer:
         self.validate()
         self.save_checkpoint()
         return self
+
+    def progress_line(self) -> str:
+        """The last evaluation in a line: step, losses, attention on position 0 per layer,
+        recall."""
+        h = self.history
+        line = (f"{self.cfg.model} step {self.step}/{self.total_steps} loss "
+                f"{np.mean(h['loss'][-self.cfg.eval_every:]):.3f} valid {h['valid_loss'][-1]:.3f} "
+                "position 0 " + " ".join(f"{m:.2f}" for m in h["valid_sink"][-1]))
+        if h["valid_recall"][-1] is not None:
+            line += f" recall {h['valid_recall'][-1]:.0%}"
+        return line
 
     def _done(self, stop_at: int | None) -> bool:
         if self.total_steps is not None and self.step >= self.total_steps:
