@@ -29,8 +29,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from ..caches import N_SINK
 from ..evaluate import first_token_attention, perplexity
 from ..loading import load_model
