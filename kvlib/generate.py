@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 from .caches import STRATEGIES, strategy
+from .caches.registry import parameters
 from .models import CausalLM, check_token_ids
+from .sampling import sample
+from .speculative import DraftModel, PromptLookup, Sampling, check_draft, speculate
 from .timing import Stopwatch, tokens_per_s
 
 
@@ -27,6 +30,28 @@ class Step:
     seq_len: int  # tokens in each sequence after this step
     cache_tokens: int  # tokens held by the cache of each layer
     cache_nbytes: int  # bytes held by the caches of all layers
+    # speculative decoding: a round's first token carries its round's drafts checked and kept
+    round_start: bool = False
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """What the drafts of a speculative run achieved (``generate(..., draft=...)``)."""
+
+    rounds: int  # forward passes of the model after the prefill
+    drafted: int  # draft tokens it checked
+    accepted: int  # of them kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens committed per forward pass of the model: the accepted drafts and its own."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else float("nan")
 
 
 @dataclass
@@ -38,6 +63,7 @@ class GenerationResult:
     pad: Tensor | None = None  # (B,) padding before each row's prompt (prompts of many lengths)
     prompt_len: int = 0  # columns of ``tokens`` that hold the (padded) prompts
     eos_id: int | None = None
+    speculation: Speculation | None = None  # with a draft: its rounds, drafts and acceptance
 
     @property
     def sequences(self) -> list[Tensor]:
@@ -58,20 +84,6 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         """Tokens per second per sequence over the decode steps (the prefill excluded)."""
         return tokens_per_s(self.step_times)
-
-
-def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
-    """Next token ``(B, 1)`` from last-position logits ``(B, vocab)``: greedy when temperature
-    is 0, else drawn from softmax(logits / temperature), optionally over the top_k logits only."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def pad_prompts(prompts: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -188,40 +200,76 @@ def _check_hard_context(T: int, max_new_tokens: int, ctx: int, keeps_tokens: boo
 def generate_stream(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
                     cache: str | None = None, window: int | None = None,
                     temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                    eos_id: int | None = None, **cache_options) -> Iterator[Step]:
+                    eos_id: int | None = None, draft: CausalLM | str | None = None,
+                    draft_tokens: int = 4, **cache_options) -> Iterator[Step]:
     """Yield a ``Step`` for every new token; arguments as for ``generate``."""
     pad = None
     if isinstance(idx, (list, tuple)):
         idx, pad = pad_prompts(list(idx))
     name = _validate(model, idx, max_new_tokens, cache, temperature, top_k, pad)
+    if draft is not None:
+        check_draft(model, draft, draft_tokens, name)
+        if "lookahead" in parameters(strategy(name)):  # a ring keeps the drafts to roll back
+            cache_options.setdefault("lookahead", draft_tokens)
     model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window,
                        **cache_options)
     model.set_padding(pad)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
+    if draft is None:
+        steps = _plain(model, idx, max_new_tokens, temperature, top_k, generator)
+    else:
+        how = Sampling(temperature, top_k, generator)
+        drafter = PromptLookup(pad) if isinstance(draft, str) else DraftModel(
+            draft, name, idx.shape[1] + max_new_tokens, window, pad, cache_options)
+        steps = _speculative(model, idx, max_new_tokens, drafter, draft_tokens, how)
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for step in steps:
+        if eos_id is not None:  # finished sequences keep emitting eos
+            step.tokens = step.tokens.masked_fill(done, eos_id)
+            done |= step.tokens == eos_id
+        yield step
+        if eos_id is not None and bool(done.all()):
+            break
+
+
+def _plain(model: CausalLM, idx: Tensor, max_new_tokens: int, temperature: float,
+           top_k: int | None, generator: torch.Generator | None) -> Iterator[Step]:
+    """One forward pass per new token: the prefill, then ``decode_one`` after each."""
     B, T = idx.shape
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     seq = idx.new_empty(B, T + max_new_tokens)  # prompt + new tokens, written in place (no cat)
     seq[:, :T] = idx
     for i in range(max_new_tokens):
         with Stopwatch(idx.device) as sw:
             logits = prefill(model, idx) if i == 0 else decode_one(model, seq[:, : T + i])
             nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
-            if eos_id is not None:  # finished sequences keep emitting eos
-                nxt = nxt.masked_fill(done[:, None], eos_id)
-                done |= nxt[:, 0] == eos_id
         seq[:, T + i] = nxt[:, 0]
         yield Step(i, nxt[:, 0], sw.seconds, T + i + 1, model.caches[0].tokens_held,
                    model.kv_cache_nbytes)
-        if eos_id is not None and bool(done.all()):
-            break
+
+
+def _speculative(model: CausalLM, idx: Tensor, max_new_tokens: int,
+                 drafter: PromptLookup | DraftModel, k: int, how: Sampling) -> Iterator[Step]:
+    """A step per token of each speculative round (``kvlib.speculative``); the round's wall time
+    is shared evenly by the tokens it commits."""
+    i, T = 0, idx.shape[1]
+    if max_new_tokens == 0:
+        return
+    for r in speculate(model, idx, max_new_tokens, drafter, k, how):
+        n = r.tokens.shape[1]
+        for j in range(n):
+            yield Step(i, r.tokens[:, j], r.seconds / n, T + i + 1, model.caches[0].tokens_held,
+                       model.kv_cache_nbytes, round_start=j == 0 and i > 0,
+                       drafted=r.drafted if j == 0 else 0, accepted=r.accepted if j == 0 else 0)
+            i += 1
 
 
 def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
              cache: str | None = None,
              window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, eos_id: int | None = None,
+             draft: CausalLM | str | None = None, draft_tokens: int = 4,
              **cache_options) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``, or after each of
     a list of 1-D prompts of different lengths (padded on the left, see ``pad_prompts``; every
@@ -236,14 +284,22 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     ``cache_options`` go to the cache class. temperature 0 is greedy;
     otherwise sample, from the ``top_k`` most likely tokens if given, seeded by ``seed``.
     Stops early once every sequence has produced ``eos_id``.
+
+    ``draft``: speculative decoding (``kvlib.speculative``), with a smaller model of the same
+    vocabulary or ``"lookup"`` (prompt lookup) proposing ``draft_tokens`` tokens a round. Greedy,
+    it gives the tokens of plain decoding; sampling, tokens from the same distribution. The
+    result's ``speculation`` says how many drafts were kept.
     """
     prompts, pad = idx, None
     if isinstance(idx, (list, tuple)):
         idx, pad = pad_prompts(list(idx))
-    tokens, times = [idx], []
+    tokens, times, rounds, drafted, accepted = [idx], [], 0, 0, 0
     for step in generate_stream(model, prompts, max_new_tokens, cache, window, temperature,
-                                top_k, seed, eos_id, **cache_options):
+                                top_k, seed, eos_id, draft, draft_tokens, **cache_options):
         tokens.append(step.tokens[:, None])
         times.append(step.seconds)
+        rounds, drafted = rounds + step.round_start, drafted + step.drafted
+        accepted += step.accepted
     return GenerationResult(torch.cat(tokens, dim=1), times[0] if times else 0.0, times[1:],
-                            "none" if cache is None else cache, pad, idx.shape[1], eos_id)
+                            "none" if cache is None else cache, pad, idx.shape[1], eos_id,
+                            None if draft is None else Speculation(rounds, drafted, accepted))

@@ -39,6 +39,7 @@ class Traits:
     one_token_when_full: bool = False  # past ``capacity`` tokens, it takes one token per call
     reuses_slots: bool = False  # a slot's position is not its index (a ring): see slot_positions
     takes_padding: bool = False  # works for a left-padded batch (rows at different positions)
+    rolls_back: bool = True  # crop(n) works whenever asked (speculative decoding's rejections)
 
 
 class KVCache(nn.Module):

@@ -146,7 +146,7 @@ class QuantizedCache(KVCache):
     """
 
     name = "quantized"
-    traits = Traits()  # keeps every token, in order, one slot each
+    traits = Traits(rolls_back=False)  # every token in order; crop only within the tail
     options_hint = ("the quantized cache keeps every token: it takes residual= (the newest "
                     "tokens kept in full precision)")
 
@@ -266,7 +266,8 @@ class EvictCache(KVCache):
     """
 
     name = "evict"
-    traits = Traits(needs_scores=True, one_token_when_full=True, reuses_slots=True)
+    traits = Traits(needs_scores=True, one_token_when_full=True, reuses_slots=True,
+                    rolls_back=False)
 
     @classmethod
     def for_layer(cls, layer: LayerSpec, budget: int | None = None, n_sink: int = N_SINK,
