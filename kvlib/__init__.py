@@ -22,7 +22,9 @@ from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import (
     GenerationResult,
+    Speculation,
     Step,
+    beam_search,
     decode_one,
     generate,
     generate_stream,
@@ -60,5 +62,5 @@ __all__ = [
     "decode_one", "device_sync", "pad_prompts", "encode", "environment", "generate",
     "generate_stream",
     "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
-    "Recall", "recall", "sample", "show_source", "tokenizer_for",
+    "Recall", "recall", "sample", "show_source", "tokenizer_for", "Speculation", "beam_search",
 ]

@@ -265,12 +265,52 @@ def _speculative(model: CausalLM, idx: Tensor, max_new_tokens: int,
             i += 1
 
 
+@torch.inference_mode()
+def beam_search(model: CausalLM, idx: Tensor, max_new_tokens: int, num_beams: int,
+                cache: str | None = None, window: int | None = None,
+                **cache_options) -> tuple[Tensor, Tensor, list[float]]:
+    """The ``num_beams`` most likely continuations of each prompt ``(B, T)``, as transformers'
+    ``generate(num_beams=k, do_sample=False)`` keeps them (no end token): every step scores
+    each beam's next tokens by the beam's summed log-probability plus theirs, keeps the best
+    ``k`` of all ``k x vocab`` (the first step only from beam 0: the beams start equal), and
+    reorders the caches so row ``i`` holds the past of the beam that beam ``i`` continues.
+
+    Returns the beams ``(B, k, T + n)``, best first, their scores ``(B, k)`` and each step's
+    seconds. The caches reorder with ``KVCache.reorder`` (``index_select`` on the batch)."""
+    B, T = idx.shape
+    K, n = num_beams, max_new_tokens
+    model.set_kv_cache(name := _validate(model, idx, n, cache, 0.0, None), max_len=T + n,
+                       window=window, **cache_options)
+    beams = idx.new_empty(B, K, T + n)
+    beams[:, :, :T] = idx[:, None]
+    scores = torch.full((B, K), -1e9, device=idx.device)
+    scores[:, 0] = 0.0  # all beams hold the prompt: expand from the first only
+    rows = (torch.arange(B, device=idx.device) * K)[:, None]  # each prompt's first row
+    times = []
+    for i in range(n):
+        with Stopwatch(idx.device) as sw:
+            flat = beams.view(B * K, -1)[:, : T + i]
+            logits = prefill(model, flat) if i == 0 else decode_one(model, flat)  # (B*K, V)
+            V = logits.shape[-1]
+            total = logits.float().log_softmax(dim=-1).view(B, K, V) + scores[..., None]
+            scores, best = total.view(B, K * V).topk(2 * K)  # as transformers: 2k, then k
+            scores, best = scores[:, :K], best[:, :K]  # (B, K)
+            parent = best // V  # the beam each new beam continues
+            beams = beams.gather(1, parent[..., None].expand(B, K, T + n))
+            beams[:, :, T + i] = best % V
+            if i + 1 < n and name != "none":
+                for c in model.caches:
+                    c.reorder((rows + parent).flatten())
+        times.append(sw.seconds)
+    return beams, scores, times
+
+
 def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
              cache: str | None = None,
              window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, eos_id: int | None = None,
              draft: CausalLM | str | None = None, draft_tokens: int = 4,
-             **cache_options) -> GenerationResult:
+             num_beams: int = 1, **cache_options) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``, or after each of
     a list of 1-D prompts of different lengths (padded on the left, see ``pad_prompts``; every
     prompt gets the tokens it gets alone; the result's ``.sequences`` drop the padding).
@@ -289,7 +329,15 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     vocabulary or ``"lookup"`` (prompt lookup) proposing ``draft_tokens`` tokens a round. Greedy,
     it gives the tokens of plain decoding; sampling, tokens from the same distribution. The
     result's ``speculation`` says how many drafts were kept.
+
+    ``num_beams`` > 1: beam search (``beam_search``); the result holds each prompt's best beam.
     """
+    if num_beams != 1:
+        _check_beams(idx, num_beams, temperature, eos_id, draft)
+        beams, _, times = beam_search(model, idx, max_new_tokens, num_beams, cache, window,
+                                      **cache_options)
+        return GenerationResult(beams[:, 0], times[0] if times else 0.0, times[1:],
+                                "none" if cache is None else cache, None, idx.shape[1])
     prompts, pad = idx, None
     if isinstance(idx, (list, tuple)):
         idx, pad = pad_prompts(list(idx))
@@ -303,3 +351,14 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     return GenerationResult(torch.cat(tokens, dim=1), times[0] if times else 0.0, times[1:],
                             "none" if cache is None else cache, pad, idx.shape[1], eos_id,
                             None if draft is None else Speculation(rounds, drafted, accepted))
+
+
+def _check_beams(idx, num_beams: int, temperature: float, eos_id: int | None, draft) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a whole number, at least 1, got {num_beams!r}")
+    if not isinstance(idx, Tensor):
+        raise ValueError("beam search takes one (B, T) tensor of prompts of the same length, "
+                         "not a list: search each prompt on its own")
+    if temperature != 0.0 or draft is not None or eos_id is not None:
+        raise ValueError("beam search here is greedy, without an end token or a draft: drop "
+                         "temperature, eos_id and draft, or use num_beams=1")

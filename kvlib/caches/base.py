@@ -102,6 +102,15 @@ class KVCache(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot roll back: write crop(n), which "
                                   "keeps the first n tokens (and sets self.seen = n)")
 
+    def reorder(self, index: Tensor) -> None:
+        """Beam search: row ``b`` of the batch becomes what row ``index[b]`` was, in every
+        buffer (``index_select`` on the batch, transformers' ``reorder_cache``)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.index_select(0, index.to(buf.device))
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index.to(self.pad.device))
+
     def _kept(self, n: int) -> int:
         """``crop``'s ``n`` as the number of tokens to keep, between 0 and ``seen``."""
         if not isinstance(n, int):

@@ -264,6 +264,13 @@ class PagedCache(KVCache):
             self.pager.crop(n)
         self.seen = n
 
+    def reorder(self, index: Tensor) -> None:
+        """Beams on blocks share their common past: that is the engine's block-table fork with
+        copy-on-write, not a copy of rows (two beams here would write into one block)."""
+        raise ValueError("cache='paged' cannot reorder rows for beam search: its rows would "
+                         "share blocks without copy-on-write. Use 'prealloc' or 'concat', or "
+                         "kvlib.Engine's beam search, which forks block tables")
+
     def batch_mask(self, q_len: int, kv_len: int) -> Tensor | None:
         """Row b's query t sees slots ``0 .. start[b] + t`` of its gathered blocks: its own
         tokens, nothing after (the rest of its last block and the padding of its table)."""
