@@ -188,6 +188,15 @@ def test_a_rerun_is_recorded_in_the_metrics_and_the_card(tmp_path, corpus_root, 
           *[a for k, v in TINY["mini-llama"].items() for a in ("--set", f"{k}={v}")]])
     with pytest.raises(ValueError, match="not a rerun"):
         main(["--record-rerun", str(rerun)])
+    # the weights a retraining replaced, measured against the shipped ones on their own slice
+    main(["--model", "mini-llama", "--compare-with", str(rerun), "--corpus-root",
+          str(corpus_root)])
+    metrics = json.loads((shipped / "metrics.json").read_text())
+    prev = metrics["previous"]
+    assert prev["perplexity"] == pytest.approx(metrics["test"]["perplexity"], rel=1e-5)
+    assert prev["previous_perplexity"] != prev["perplexity"]  # seed 7: other weights
+    assert prev["windows"] == [2, TINY["mini-llama"]["context_length"]]
+    assert "Against the weights these replaced" in (shipped.parent / "README.md").read_text()
 
 
 def test_the_card_says_what_to_do_without_metrics():

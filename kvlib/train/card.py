@@ -27,7 +27,7 @@ def write_card(folder: str | Path | None = None) -> Path:
     folder = Path(folder) if folder is not None else loading.TRAINED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CARD_FILE
-    path.write_text(card_text(read_runs(folder)))
+    path.write_text(card_text(read_runs(folder)) + _ablations(folder))
     return path
 
 
@@ -151,7 +151,7 @@ def _model(run: dict) -> str:
         text = s["prompt"] + s["completion"]
         fence = "````" if "```" in text else "```"
         samples.append(f"{fence}python\n{text}\n{fence}")
-    win, rec = _windows(run), _recall(run)
+    win, rec = _windows(run), _recall(run) + _quality(run)
     how = {"steps": "the schedule's end", "time": "the time budget (--minutes)",
            "stop_at": "--stop-at"}.get(run["stopped_by"], "an interruption")
     return f"""## `{run['model']}`
@@ -195,6 +195,41 @@ def _recall(run: dict) -> str:
              f"{100 * r['without_binding']:.0f}%)" for r in run["recall"]]
     return (f"\nPasskey recall on {run['recall'][0]['episodes']} held-out episodes "
             f"(`kvlib.recall`, full attention): {'; '.join(parts)}.\n")
+
+
+def _quality(run: dict) -> str:
+    """Whether its code parses, and the weights it replaced (``--compare-with``)."""
+    text, p = "", run.get("parses")
+    if p and p["share"] is not None:
+        text += (f"\nOf {p['headers']} function headers of the test split, each continued "
+                 f"greedily for {p['new_tokens']} tokens, {100 * p['share']:.0f}% write a "
+                 "function that Python's `ast` parses (cut where it dedents, or before its last "
+                 "line).")
+    prev = run.get("previous")
+    if prev:
+        n, T = prev["windows"]
+        text += (f" Against the weights these replaced ({prev['source']}), on that card's "
+                 f"{n} held-out windows of {T} tokens (the same tokens scored; a model trained "
+                 f"with a start token gets one before each window): perplexity "
+                 f"{prev['perplexity']:.2f} against {prev['previous_perplexity']:.2f} "
+                 f"({prev['perplexity'] / prev['previous_perplexity']:.2f}x)")
+        if prev["previous_parses"] is not None:
+            text += f", and {100 * prev['previous_parses']:.0f}% of the same headers parsed then"
+        text += "."
+    return text + ("\n" if text else "")
+
+
+def _ablations(folder: Path) -> str:
+    """The short runs that chose how to train (``--ablate``), when the checkout has them."""
+    tables = sorted((folder.parent.parent / "benchmarks" / "ablations").glob("*/ablation.md"))
+    if not tables:
+        return ""
+    parts = ["## Ablations\n", "Short runs before the full ones (`python -m kvlib.train "
+             "--ablate`, see `benchmarks/ablations/README.md`): windows cut at random places "
+             "against windows that open with a start token.\n"]
+    for t in tables:
+        parts.append(f"`{t.parent.name}`:\n\n{t.read_text().strip()}\n")
+    return "\n".join(parts)
 
 
 def _rerun(run: dict) -> str:

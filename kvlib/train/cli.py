@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from .. import loading
 from ..loading import TRAINED, TRAINED_DIR
 from ..models import PRESETS
 from .ablate import DEFAULT_VARIANTS, ablate, table_text
@@ -17,7 +18,7 @@ from .card import record_rerun, write_card
 from .config import CLI_SETTINGS, TrainConfig
 from .data import build_data
 from .loop import Trainer
-from .results import LONG_FILE, METRICS_FILE, finish, save_long_text
+from .results import LONG_FILE, METRICS_FILE, finish, record_comparison, save_long_text
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None,
@@ -78,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
                    "run (default: cut bos; +recall mixes in passkey episodes at --recall-share) "
                    "into --out (default checkpoints/ablations/<model>/), measure them, write "
                    "ablation.md and ablation.json there, then stop")
+    p.add_argument("--compare-with", metavar="FOLDER", help="measure the shipped --model "
+                   "against the model in FOLDER (the weights it replaced, e.g. checked out of git "
+                   "into a folder): perplexity on FOLDER's test slice and the share of function "
+                   "headers whose continuation parses; record it in the shipped metrics, "
+                   "rewrite the card, then stop")
     p.add_argument("--long-text", action="store_true", help=f"only write {LONG_FILE} (the "
                    "long held-out text) beside the trained models, then stop")
     return p
@@ -91,6 +97,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.record_rerun:
         r = record_rerun(args.record_rerun)
         print(f"rerun: perplexity {r['perplexity']:.3f}, same weights: {r['same_weights']}")
+        return None
+    if args.compare_with:
+        shipped = json.loads((loading.TRAINED_DIR / args.model / METRICS_FILE).read_text())
+        data = build_data(shipped["config"]["vocab_size"], args.corpus_root)
+        r = record_comparison(args.model, args.compare_with, data)
+        write_card()
+        print(f"{args.model}: perplexity {r['perplexity']:.3f} against "
+              f"{r['previous_perplexity']:.3f} before, on {r['windows']} windows")
         return None
     if args.long_text:
         for name in TRAINED:

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import LONG_FILE, SLICE_FILE, SLICE_FORMAT, perplexity, windows_sha256
+from .. import loading
+from ..evaluate import (
+    LONG_FILE,
+    SLICE_FILE,
+    SLICE_FORMAT,
+    load_test_slice,
+    perplexity,
+    windows_sha256,
+)
 from ..generate import generate
 from ..loading import load_model, save_model
 from ..machine import environment_info
@@ -27,6 +35,7 @@ from ..plots.figure import figure_png
 from ..plots.training import plot_training
 from .data import TokenData, consecutive_windows, fixed_windows
 from .loop import Trainer
+from .quality import compare_with, parse_share
 
 METRICS_FILE, LOSS_FILE = "metrics.json", "loss.png"
 LONG_TOKENS = 4096  # several times the mini models' context (256 tokens, or 512, 1024)
@@ -133,6 +142,7 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
         "recall": recall_scores(shipped, data, cfg.bos),
         "corpus": data.manifest, "vocab_size": data.tokenizer.vocab_size,
         "samples": samples(shipped, cfg.bos), "sample_tokens": SAMPLE_TOKENS,
+        "parses": parse_share(shipped, data, cfg.bos),
         "reproduce": cfg.command(trainer.total_steps, None if trainer.step == trainer.total_steps
                                  else trainer.step) + f" --threads {torch.get_num_threads()}",
         "command": command or " ".join(["python -m kvlib.train", *sys.argv[1:]]),
@@ -144,3 +154,22 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     (out / LOSS_FILE).write_bytes(figure_png(plot_training(metrics), dpi=100))
     return metrics
+
+
+def record_comparison(name: str, folder: str | Path, data: TokenData) -> dict:
+    """Measure the shipped model ``name`` against the one in ``folder`` (the weights it
+    replaced, with their ``metrics.json`` and ``test_slice.json``): store it in the shipped
+    metrics as ``previous`` (and ``parses``, if missing); the comparison."""
+    folder, shipped_dir = Path(folder), loading.TRAINED_DIR / name
+    metrics = json.loads((shipped_dir / METRICS_FILE).read_text())
+    before = json.loads((folder / METRICS_FILE).read_text())
+    model, previous = load_model(shipped_dir), load_model(folder)
+    bos, previous_bos = (bool(m["train"].get("bos")) for m in (metrics, before))
+    result = compare_with(model, bos, previous, previous_bos,
+                          load_test_slice(folder / SLICE_FILE), data)
+    result["source"] = (f"{before['steps']} steps, {before['config']['context_length']}-token "
+                        f"windows, trained {before['created'][:10]}")
+    metrics["previous"] = result
+    metrics.setdefault("parses", parse_share(model, data, bos))
+    (shipped_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    return result
