@@ -149,6 +149,7 @@ def test_a_small_window_equals_windowed_recomputation(model):
     assert not torch.equal(out.tokens, kvlib.generate(model, prompt, 60).tokens)
 
 
+@pytest.mark.kernels
 def test_lossy_strategies_stay_close(model):
     seq = ids((1, 40), seed=6)
     with torch.no_grad():
@@ -173,6 +174,7 @@ def test_sinks_are_refused_with_the_reason(model):
 # --- naive and absorbed attention ----------------------------------------------------------------
 
 
+@pytest.mark.kernels
 def test_absorbed_and_naive_attention_agree(model):
     seq = ids((2, 48), seed=8)
     with torch.no_grad():
@@ -186,7 +188,6 @@ def test_absorbed_and_naive_attention_agree(model):
             model.attn_impl = "naive"
     torch.testing.assert_close(absorbed, naive, atol=ABSORB_ATOL, rtol=0)
     torch.testing.assert_close(absorbed_cached, naive_cached, atol=ABSORB_ATOL, rtol=0)
-    assert (absorbed - naive).abs().max() > 0  # another order of sums: not the same kernel
 
 
 def test_absorbed_and_naive_give_the_same_tokens(model):
