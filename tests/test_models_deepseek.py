@@ -224,3 +224,16 @@ def test_attention_maps_for_pictures(model):
     mass = kvlib.attention_to_first(model, ids((1, 24), seed=11), n_first=1)
     assert mass.shape == (model.cfg.n_layers, model.cfg.n_heads)
     assert ((mass > 0) & (mass < 1)).all()
+
+
+def test_a_rolled_back_cache_continues_as_a_fresh_one(model):
+    seq = ids((1, 30), seed=12)
+    with torch.no_grad():
+        full = model(seq)
+        for strategy in ("concat", "prealloc", "paged"):
+            model.set_kv_cache(strategy)
+            model(seq[:, :20], use_cache=True)
+            model.crop_kv_cache(12)  # the latents of positions 12.. are dropped
+            assert model.pos == 12
+            got = model(seq[:, 12:], use_cache=True)
+            torch.testing.assert_close(got, full[:, 12:], atol=1e-5, rtol=0)
