@@ -34,7 +34,16 @@ from .generate import (
 )
 from .loading import load_model
 from .machine import environment
-from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, LlamaModel
+from .models import (
+    PRESETS,
+    CausalLM,
+    DeepseekConfig,
+    DeepseekModel,
+    GPTConfig,
+    GPTModel,
+    LlamaConfig,
+    LlamaModel,
+)
 from .passkey import Recall, recall
 from .serving import BlockPool, Engine
 from .timing import Stopwatch, device_sync
@@ -55,7 +64,7 @@ __all__ = [
     "BFloat16Cache", "BlockPool", "CacheCheckError", "EOT_ID", "Engine", "EvictCache",
     "PagedCache", "QuantizedCache", "RecomputeCache", "SinkCache", "caches", "PRESETS",
     "REPO_URL", "STRATEGIES", "CausalLM",
-    "ConcatCache",
+    "ConcatCache", "DeepseekConfig", "DeepseekModel",
     "GPT2Tokenizer", "GPTConfig", "GPTModel", "GenerationResult", "KVCache", "LlamaConfig",
     "LlamaModel", "NoCache", "Perplexity", "PreallocCache", "SlidingWindowCache", "Step",
     "Stopwatch", "Tokenizer", "TrimmedTokenizer", "attention_mask", "check_cache", "decode",

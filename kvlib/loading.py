@@ -8,10 +8,10 @@ weights from a checkpoint.
     kvlib.load_model("/path/to/checkpoint")     # a local Hugging Face folder or .safetensors file
     kvlib.load_model(GPTConfig(n_layers=2, ...))  # a shape no preset names, seeded random weights
 
-A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama`` or
-``qwen3``); a GPT-2 file without one is read off its tensor shapes. A folder that also holds a
-kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model that carries it as
-``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
+A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama``,
+``qwen3`` or ``deepseek_v3``); a GPT-2 file without one is read off its tensor shapes. A folder
+that also holds a kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model
+that carries it as ``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, build_model
+from .models import PRESETS, CausalLM, DeepseekModel, GPTModel, ModelConfig, build_model
 from .vocab import TrimmedTokenizer, is_vocab_file
 
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"  # kvlib/trained/<name>/
@@ -30,7 +30,7 @@ TRAINED = ("mini-gpt2", "mini-llama")  # the presets whose weights kvlib ships
 VOCAB_FILE = "vocab.json"
 
 
-def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig = "gpt2",
+def load_model(preset_or_path: str | os.PathLike | ModelConfig = "gpt2",
                pretrained: bool | None = None, seed: int = 123, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> CausalLM:
     """The model a chapter, test or benchmark uses, in eval mode, on ``device`` in ``dtype``.
@@ -40,10 +40,11 @@ def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig = "gp
     released weights of that name (needs internet once, and the ``pretrained`` extra). The models
     trained here (``"mini-gpt2"``, ``"mini-llama"``) load their shipped weights unless
     ``pretrained=False`` asks for random ones; either way they carry their tokenizer. A local
-    path always loads the weights it holds. A config (``GPTConfig``, ``LlamaConfig``) gives seeded
-    random weights of a shape no preset names (``kvlib.check_cache``'s small model).
+    path always loads the weights it holds. A config (``GPTConfig``, ``LlamaConfig``,
+    ``DeepseekConfig``) gives seeded random weights of a shape no preset names
+    (``kvlib.check_cache``'s small model).
     """
-    if isinstance(preset_or_path, (GPTConfig, LlamaConfig)):
+    if isinstance(preset_or_path, ModelConfig):
         torch.manual_seed(seed)
         return _ready(build_model(preset_or_path), dtype, device)
     name = os.fspath(preset_or_path)
@@ -90,9 +91,13 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
     """Write ``model`` into ``folder`` as ``load_model(folder)`` reads it: ``model.safetensors``
     in Hugging Face's layout (stored as ``dtype``), ``config.json``, and the tokenizer it
     carries, if any, as ``vocab.json``."""
-    from .hf import gpt2, llama
+    from .hf import deepseek, gpt2, llama
 
-    family = gpt2 if isinstance(model, GPTModel) else llama
+    family = llama
+    if isinstance(model, GPTModel):
+        family = gpt2
+    elif isinstance(model, DeepseekModel):
+        family = deepseek
     folder = family.save_pretrained(model, folder, dtype)
     tokenizer = getattr(model, "tokenizer", None)
     if isinstance(tokenizer, TrimmedTokenizer):
@@ -101,7 +106,7 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
 
 
 def _load_weights(name: str) -> CausalLM:
-    from .hf import gpt2, llama
+    from .hf import deepseek, gpt2, llama
 
     path = Path(name).expanduser()
     if not path.exists():
@@ -116,7 +121,8 @@ def _load_weights(name: str) -> CausalLM:
             f"{name!r} is neither a model with released weights ({', '.join(hub)}) nor an "
             "existing file or directory; the other presets have no weights to download: "
             "load them with pretrained=False")
-    family = llama if checkpoint_family(path) in llama.MODEL_TYPES else gpt2
+    model_type = checkpoint_family(path)
+    family = next((f for f in (llama, deepseek) if model_type in f.MODEL_TYPES), gpt2)
     model = family.from_pretrained(name)
     vocab = (path if path.is_dir() else path.parent) / VOCAB_FILE
     if is_vocab_file(vocab):  # not Hugging Face's GPT-2 vocab.json, which has another layout
@@ -134,7 +140,8 @@ def checkpoint_family(path: Path) -> str:
         model_type = json.loads(config.read_text()).get("model_type", "gpt2")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{config}: not a readable config.json ({e})") from e
-    if model_type not in ("gpt2", "llama", "qwen3"):
+    if model_type not in ("gpt2", "llama", "qwen3", "deepseek_v3"):
         raise ValueError(f"{config}: model_type {model_type!r}; kvlib loads GPT-2, Llama and "
-                         "Qwen3 checkpoints (model_type 'gpt2', 'llama' or 'qwen3')")
+                         "Qwen3 checkpoints, and DeepSeek-V3's with dense layers (model_type "
+                         "'gpt2', 'llama', 'qwen3' or 'deepseek_v3')")
     return model_type

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import PRESETS, GPTConfig, LlamaConfig
+from .models import PRESETS, DeepseekConfig, GPTConfig, LlamaConfig
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 
@@ -80,7 +80,13 @@ def llama_params(cfg: LlamaConfig) -> int:
 
 
 def spec_of(name: str, cfg: GPTConfig | LlamaConfig) -> ModelSpec:
-    """The ModelSpec of a kvlib config (either family)."""
+    """The ModelSpec of a kvlib config (GPT-2 or Llama: keys and values per head)."""
+    if isinstance(cfg, DeepseekConfig):
+        raise ValueError(
+            f"{name}: a ModelSpec counts keys and values per key/value head, but latent "
+            "attention (DeepSeek) caches one latent per token and layer instead: "
+            f"{cfg.n_layers} layers x {cfg.latent_dim} numbers (kv_lora_rank + "
+            "qk_rope_head_dim) per token; model.kv_cache_nbytes measures it")
     if isinstance(cfg, GPTConfig):
         return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim,
                          gpt2_params(cfg), cfg.context_length)

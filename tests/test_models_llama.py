@@ -173,7 +173,8 @@ def test_keys_are_rotated_at_their_positions_before_caching(models):
 
 
 def test_rope_scores_depend_only_on_distance():
-    rope = RotaryEmbedding(LlamaConfig.from_preset("tiny-llama"))
+    cfg = LlamaConfig.from_preset("tiny-llama")
+    rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.context_length)
     q, k = torch.randn(2, 16, generator=torch.Generator().manual_seed(8))
 
     def score(m: int, n: int) -> torch.Tensor:

@@ -26,7 +26,11 @@ class LayerSpec:
     n_kv_heads: int  # key/value heads (fewer than the query heads under GQA)
     head_dim: int
     context_length: int  # positions the model was trained on
-    inv_freq: Tensor | None = None  # (D/2,) RoPE frequencies; None: learned positions (GPT-2)
+    inv_freq: Tensor | None = None  # (D/2,) RoPE frequencies; None: the cached keys are not
+    # rotated by RoPE (GPT-2's learned positions, a latent)
+    # True: what is cached is a latent that attention expands, not keys and values (multi-head
+    # latent attention, kvlib.models.deepseek): a strategy may store it, never move it as keys
+    latent: bool = False
 
 
 @dataclass(frozen=True)

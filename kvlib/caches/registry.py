@@ -110,4 +110,23 @@ def build(name: str, layers: list[LayerSpec], *, max_len: int | None = None,
     ``checked_options``)."""
     ctx = layers[0].context_length
     kwargs = checked_options(name, ctx, max_len=max_len, window=window, **options)
+    check_layers(name, layers)
     return STRATEGIES[name].for_layers(layers, **kwargs)
+
+
+def moves_keys(cls: type[KVCache]) -> bool:
+    """Whether a strategy moves cached keys to other positions: it takes the model's RoPE
+    frequencies (``inv_freq``), which is what rotating a key needs ("sinks")."""
+    return "inv_freq" in inspect.signature(cls.__init__).parameters
+
+
+def check_layers(name: str, layers: list[LayerSpec]) -> None:
+    """Refuse, with the reason, a strategy that cannot serve the layers: one that moves cached
+    keys, for layers that cache a latent (whose numbers no rotation moves)."""
+    if moves_keys(strategy(name)) and any(layer.latent for layer in layers):
+        raise ValueError(
+            f"the {name!r} cache moves cached keys to new positions by rotating them with RoPE, "
+            "but this model caches a latent per token (multi-head latent attention: the "
+            "compressed c_kv, which carries no position, beside one RoPE key shared by every "
+            "head), not rotated keys: use 'sliding' (the window without sinks) or 'recompute' "
+            "(the window recomputed every step, which caches nothing)")

@@ -164,12 +164,15 @@ class RotaryEmbedding(nn.Module):
     next forward, in the dtype and on the device of the hidden states.
     """
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, head_dim: int, theta: float, context_length: int,
+                 scaling: Llama3RopeScaling | None = None) -> None:
+        """The table of ``head_dim`` rotated channels (a Llama head's all; DeepSeek's latent
+        attention rotates only ``qk_rope_head_dim`` of them) for ``context_length`` positions."""
         super().__init__()
-        self.head_dim, self.theta, self.scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.register_buffer("cos", None, persistent=False)  # (positions, D)
         self.register_buffer("sin", None, persistent=False)
-        self.build(cfg.context_length)
+        self.build(context_length)
 
     def build(self, positions: int, device: torch.device | str | None = None,
               dtype: torch.dtype = torch.float32) -> None:
@@ -296,7 +299,9 @@ class LlamaModel(CausalLM):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg)  # no weights: a table computed from the config
+        # no weights: a table computed from the config
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.context_length,
+                                    cfg.rope_scaling)
         for module in self.modules():  # transformers' init: normal(0, 0.02), RMSNorm weights 1
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -80,12 +80,12 @@ class Engine:
                 if isinstance(block_size, int) and block_size > 0 else 0
         p = next(model.parameters())
         self.model, self.eos_id, self.prefix_caching = model, eos_id, prefix_caching
-        heads = getattr(cfg, "n_kv_heads", cfg.n_heads)
+        spec, n_layers = model.layer_specs()[0], len(model.attention_layers)  # what is cached
         self.pool = BlockPool(block_size, num_blocks)  # the books: ids, references, prefixes
-        self.storage = BlockStorage(cfg.n_layers, heads, cfg.head_dim, block_size, num_blocks,
-                                    p.dtype, p.device)  # the tensors, under the pool's block ids
+        self.storage = BlockStorage(n_layers, spec.n_kv_heads, spec.head_dim, block_size,
+                                    num_blocks, p.dtype, p.device)  # under the pool's block ids
         self.batch = PagedBatch(block_size)  # the next forward's tables, positions and slots
-        self.caches = [PagedCache(self.storage, self.batch, i) for i in range(cfg.n_layers)]
+        self.caches = [PagedCache(self.storage, self.batch, i) for i in range(n_layers)]
         self.device = p.device
         self.requests: dict[int, Request] = {}
         self.clock = 0  # the next step's number
