@@ -31,6 +31,7 @@ from .generate import (
     pad_prompts,
     prefill,
     sample,
+    speculative_stream,
 )
 from .loading import load_model
 from .machine import environment
@@ -72,4 +73,5 @@ __all__ = [
     "generate_stream",
     "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
     "Recall", "recall", "sample", "show_source", "tokenizer_for", "Speculation", "beam_search",
+    "speculative_stream",
 ]

@@ -200,30 +200,64 @@ def _check_hard_context(T: int, max_new_tokens: int, ctx: int, keeps_tokens: boo
 def generate_stream(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
                     cache: str | None = None, window: int | None = None,
                     temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                    eos_id: int | None = None, draft: CausalLM | str | None = None,
-                    draft_tokens: int = 4, **cache_options) -> Iterator[Step]:
+                    eos_id: int | None = None, **cache_options) -> Iterator[Step]:
     """Yield a ``Step`` for every new token; arguments as for ``generate``."""
     pad = None
     if isinstance(idx, (list, tuple)):
         idx, pad = pad_prompts(list(idx))
     name = _validate(model, idx, max_new_tokens, cache, temperature, top_k, pad)
-    if draft is not None:
-        check_draft(model, draft, draft_tokens, name)
-        if "lookahead" in parameters(strategy(name)):  # a ring keeps the drafts to roll back
-            cache_options.setdefault("lookahead", draft_tokens)
     model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window,
                        **cache_options)
     model.set_padding(pad)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
-    if draft is None:
-        steps = _plain(model, idx, max_new_tokens, temperature, top_k, generator)
-    else:
-        how = Sampling(temperature, top_k, generator)
-        drafter = PromptLookup(pad) if isinstance(draft, str) else DraftModel(
-            draft, name, idx.shape[1] + max_new_tokens, window, pad, cache_options)
-        steps = _speculative(model, idx, max_new_tokens, drafter, draft_tokens, how)
+    B, T = idx.shape
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    seq = idx.new_empty(B, T + max_new_tokens)  # prompt + new tokens, written in place (no cat)
+    seq[:, :T] = idx
+    for i in range(max_new_tokens):
+        with Stopwatch(idx.device) as sw:
+            logits = prefill(model, idx) if i == 0 else decode_one(model, seq[:, : T + i])
+            nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
+            if eos_id is not None:  # finished sequences keep emitting eos
+                nxt = nxt.masked_fill(done[:, None], eos_id)
+                done |= nxt[:, 0] == eos_id
+        seq[:, T + i] = nxt[:, 0]
+        yield Step(i, nxt[:, 0], sw.seconds, T + i + 1, model.caches[0].tokens_held,
+                   model.kv_cache_nbytes)
+        if eos_id is not None and bool(done.all()):
+            break
+
+
+@torch.inference_mode()
+def speculative_stream(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
+                       cache: str | None = None, window: int | None = None,
+                       temperature: float = 0.0, top_k: int | None = None,
+                       seed: int | None = None, eos_id: int | None = None,
+                       draft: CausalLM | str = "lookup", draft_tokens: int = 4,
+                       **cache_options) -> Iterator[Step]:
+    """``generate_stream`` with speculative decoding (``kvlib.speculative``): ``draft`` (a
+    smaller model of the same vocabulary, or ``"lookup"``) proposes ``draft_tokens`` tokens a
+    round and the model checks them in one forward pass. A step per token; a round's first
+    token says how many drafts it checked and kept."""
+    pad = None
+    if isinstance(idx, (list, tuple)):
+        idx, pad = pad_prompts(list(idx))
+    name = _validate(model, idx, max_new_tokens, cache, temperature, top_k, pad)
+    check_draft(model, draft, draft_tokens, name)
+    if "lookahead" in parameters(strategy(name)):  # a ring keeps the drafts to roll back
+        cache_options.setdefault("lookahead", draft_tokens)
+    model.set_kv_cache(name, max_len=idx.shape[1] + max_new_tokens, window=window,
+                       **cache_options)
+    model.set_padding(pad)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    drafter = PromptLookup(pad) if isinstance(draft, str) else DraftModel(
+        draft, name, idx.shape[1] + max_new_tokens, window, pad, cache_options)
+    steps = _speculative(model, idx, max_new_tokens, drafter, draft_tokens,
+                         Sampling(temperature, top_k, generator))
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for step in steps:
         if eos_id is not None:  # finished sequences keep emitting eos
@@ -232,21 +266,6 @@ def generate_stream(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens:
         yield step
         if eos_id is not None and bool(done.all()):
             break
-
-
-def _plain(model: CausalLM, idx: Tensor, max_new_tokens: int, temperature: float,
-           top_k: int | None, generator: torch.Generator | None) -> Iterator[Step]:
-    """One forward pass per new token: the prefill, then ``decode_one`` after each."""
-    B, T = idx.shape
-    seq = idx.new_empty(B, T + max_new_tokens)  # prompt + new tokens, written in place (no cat)
-    seq[:, :T] = idx
-    for i in range(max_new_tokens):
-        with Stopwatch(idx.device) as sw:
-            logits = prefill(model, idx) if i == 0 else decode_one(model, seq[:, : T + i])
-            nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
-        seq[:, T + i] = nxt[:, 0]
-        yield Step(i, nxt[:, 0], sw.seconds, T + i + 1, model.caches[0].tokens_held,
-                   model.kv_cache_nbytes)
 
 
 def _speculative(model: CausalLM, idx: Tensor, max_new_tokens: int,
@@ -342,8 +361,11 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     if isinstance(idx, (list, tuple)):
         idx, pad = pad_prompts(list(idx))
     tokens, times, rounds, drafted, accepted = [idx], [], 0, 0, 0
-    for step in generate_stream(model, prompts, max_new_tokens, cache, window, temperature,
-                                top_k, seed, eos_id, draft, draft_tokens, **cache_options):
+    steps = generate_stream(model, prompts, max_new_tokens, cache, window, temperature, top_k,
+                            seed, eos_id, **cache_options) if draft is None else \
+        speculative_stream(model, prompts, max_new_tokens, cache, window, temperature, top_k,
+                           seed, eos_id, draft, draft_tokens, **cache_options)
+    for step in steps:
         tokens.append(step.tokens[:, None])
         times.append(step.seconds)
         rounds, drafted = rounds + step.round_start, drafted + step.drafted

@@ -1,8 +1,7 @@
 """Turning logits into the next token: temperature, top-k, and the draw.
 
-``warp`` gives the distribution a sampler draws from; ``sample`` draws (or takes the argmax at
-temperature 0). Speculative decoding (``kvlib.speculative``) needs the distributions themselves,
-so both live here, below ``generate`` and ``speculative``.
+``sample`` draws the next token (or takes the argmax at temperature 0); ``warp`` gives the
+distribution it draws from, which speculative decoding (``kvlib.speculative``) needs itself.
 """
 
 from __future__ import annotations
@@ -27,5 +26,9 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     is 0, else drawn from softmax(logits / temperature), optionally over the top_k logits only."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(warp(logits, temperature, top_k), num_samples=1,
-                             generator=generator)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -228,7 +228,8 @@ def check_draft(model: CausalLM, draft: CausalLM | str, k: int, cache: str) -> N
             f"({model.cfg.vocab_size}): its tokens would mean other text. Use a draft trained "
             "with the same tokenizer, or draft='lookup'")
     traits = strategy(cache).traits
-    if traits.recomputes_window or not traits.rolls_back:
+    if traits.recomputes_window or traits.one_token_when_full or not traits.rolls_back:
+        # (a cache that takes one token at a time once full has moved or dropped the oldest)
         raise ValueError(
             f"speculative decoding rolls the cache back after every rejected draft, and the "
             f"{cache!r} cache cannot (see its crop): use 'prealloc', 'concat', 'bf16', 'paged', "

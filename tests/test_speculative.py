@@ -84,8 +84,8 @@ def test_prompt_lookup_proposes_what_followed_the_last_match():
 def test_stream_marks_each_round_and_shares_its_time(make_llama, one_thread):
     model = make_llama("tiny-llama", seed=0)
     draft = copy.deepcopy(model)
-    steps = list(kvlib.generate_stream(model, _repeating_prompt(), 12, cache="prealloc",
-                                       draft=draft, draft_tokens=3))
+    steps = list(kvlib.speculative_stream(model, _repeating_prompt(), 12, cache="prealloc",
+                                          draft=draft, draft_tokens=3))
     assert [s.index for s in steps] == list(range(12))
     assert not steps[0].round_start  # the prefill's token
     starts = [i for i, s in enumerate(steps) if s.round_start]

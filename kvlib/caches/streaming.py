@@ -58,7 +58,7 @@ class SinkCache(KVCache):
     """
 
     name = "sinks"
-    traits = Traits(one_token_when_full=True, reuses_slots=True, rolls_back=False)
+    traits = Traits(one_token_when_full=True, reuses_slots=True)
 
     def __init__(self, window: int, n_sink: int = N_SINK, inv_freq: Tensor | None = None) -> None:
         super().__init__()
