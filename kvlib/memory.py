@@ -84,6 +84,10 @@ def spec_of(name: str, cfg: GPTConfig | LlamaConfig) -> ModelSpec:
     if isinstance(cfg, GPTConfig):
         return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim,
                          gpt2_params(cfg), cfg.context_length)
+    if not isinstance(cfg, LlamaConfig):
+        raise ValueError(f"{name!r}: kvlib.memory's sizes assume every layer keeps every token, "
+                         f"but a {type(cfg).__name__} has local layers that keep a window: build "
+                         "the model and read model.kv_cache_nbytes")
     return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                      llama_params(cfg), cfg.context_length)
 

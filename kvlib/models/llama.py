@@ -176,8 +176,7 @@ class RotaryEmbedding(nn.Module):
         """Compute the table of ``positions`` positions (loading calls it to replace the table of
         a model built on the meta device)."""
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor even in generate
-            inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)
-            inv_freq = inv_freq if device is None else inv_freq.to(device)
+            inv_freq = self.inv_freq if device is None else self.inv_freq.to(device)
             pos = torch.arange(positions, device=inv_freq.device).float()
             freqs = pos[:, None] * inv_freq[None, :]  # (positions, D/2)
             angles = torch.cat([freqs, freqs], dim=-1)  # (positions, D): rotate_half's layout
