@@ -8,10 +8,10 @@ weights from a checkpoint.
     kvlib.load_model("/path/to/checkpoint")     # a local Hugging Face folder or .safetensors file
     kvlib.load_model(GPTConfig(n_layers=2, ...))  # a shape no preset names, seeded random weights
 
-A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama`` or
-``qwen3``); a GPT-2 file without one is read off its tensor shapes. A folder that also holds a
-kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model that carries it as
-``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
+A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama``,
+``qwen3`` or ``gemma3_text``); a GPT-2 file without one is read off its tensor shapes. A folder
+that also holds a kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model that
+carries it as ``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .models import PRESETS, CausalLM, GPTConfig, GPTModel, LlamaConfig, build_model
+from .models import (
+    PRESETS,
+    CausalLM,
+    GemmaConfig,
+    GemmaModel,
+    GPTConfig,
+    GPTModel,
+    LlamaConfig,
+    build_model,
+)
 from .vocab import TrimmedTokenizer, is_vocab_file
 
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"  # kvlib/trained/<name>/
@@ -30,7 +39,7 @@ TRAINED = ("mini-gpt2", "mini-llama")  # the presets whose weights kvlib ships
 VOCAB_FILE = "vocab.json"
 
 
-def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig = "gpt2",
+def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig | GemmaConfig = "gpt2",
                pretrained: bool | None = None, seed: int = 123, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> CausalLM:
     """The model a chapter, test or benchmark uses, in eval mode, on ``device`` in ``dtype``.
@@ -43,7 +52,7 @@ def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig = "gp
     path always loads the weights it holds. A config (``GPTConfig``, ``LlamaConfig``) gives seeded
     random weights of a shape no preset names (``kvlib.check_cache``'s small model).
     """
-    if isinstance(preset_or_path, (GPTConfig, LlamaConfig)):
+    if isinstance(preset_or_path, (GPTConfig, LlamaConfig, GemmaConfig)):
         torch.manual_seed(seed)
         return _ready(build_model(preset_or_path), dtype, device)
     name = os.fspath(preset_or_path)
@@ -90,9 +99,10 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
     """Write ``model`` into ``folder`` as ``load_model(folder)`` reads it: ``model.safetensors``
     in Hugging Face's layout (stored as ``dtype``), ``config.json``, and the tokenizer it
     carries, if any, as ``vocab.json``."""
-    from .hf import gpt2, llama
+    from .hf import gemma, gpt2, llama
 
     family = gpt2 if isinstance(model, GPTModel) else llama
+    family = gemma if isinstance(model, GemmaModel) else family
     folder = family.save_pretrained(model, folder, dtype)
     tokenizer = getattr(model, "tokenizer", None)
     if isinstance(tokenizer, TrimmedTokenizer):
@@ -101,14 +111,14 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
 
 
 def _load_weights(name: str) -> CausalLM:
-    from .hf import gpt2, llama
+    from .hf import gemma, gpt2, llama
 
     path = Path(name).expanduser()
     if not path.exists():
-        for family in (gpt2, llama):
+        for family in (gpt2, llama, gemma):
             if name in family.HUB_NAMES or name in family.HUB_NAMES.values():
                 return family.from_pretrained(name)
-        hub = [*gpt2.HUB_NAMES, *llama.HUB_NAMES]
+        hub = [*gpt2.HUB_NAMES, *llama.HUB_NAMES, *gemma.HUB_NAMES]
         if os.sep in name or name.endswith(".safetensors"):
             raise FileNotFoundError(f"{name!r}: no such checkpoint file or directory (pass a "
                                     f"local Hugging Face folder, or a hub name: {', '.join(hub)})")
@@ -117,6 +127,7 @@ def _load_weights(name: str) -> CausalLM:
             "existing file or directory; the other presets have no weights to download: "
             "load them with pretrained=False")
     family = llama if checkpoint_family(path) in llama.MODEL_TYPES else gpt2
+    family = gemma if checkpoint_family(path) in gemma.MODEL_TYPES else family
     model = family.from_pretrained(name)
     vocab = (path if path.is_dir() else path.parent) / VOCAB_FILE
     if is_vocab_file(vocab):  # not Hugging Face's GPT-2 vocab.json, which has another layout
@@ -134,7 +145,8 @@ def checkpoint_family(path: Path) -> str:
         model_type = json.loads(config.read_text()).get("model_type", "gpt2")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{config}: not a readable config.json ({e})") from e
-    if model_type not in ("gpt2", "llama", "qwen3"):
+    if model_type not in ("gpt2", "llama", "qwen3", "gemma3_text"):
         raise ValueError(f"{config}: model_type {model_type!r}; kvlib loads GPT-2, Llama and "
-                         "Qwen3 checkpoints (model_type 'gpt2', 'llama' or 'qwen3')")
+                         "Qwen3 checkpoints and Gemma 3 text ones (model_type 'gpt2', 'llama', "
+                         "'qwen3' or 'gemma3_text')")
     return model_type

@@ -57,7 +57,7 @@ class GemmaConfig:
     rope_theta: float = 1000000.0  # global layers
     rope_local_theta: float = 10000.0  # local layers (HF: rope_local_base_freq)
     rope_scaling_factor: float | None = None  # global layers' linear RoPE scaling
-    query_pre_attn_scalar: float = 256.0  # scores are scaled by its -1/2 power
+    query_pre_attn_scalar: int = 256  # scores are scaled by its -1/2 power
     attn_softcap: float | None = None  # HF: attn_logit_softcapping
     final_softcap: float | None = None  # HF: final_logit_softcapping
     rms_norm_eps: float = 1e-6
@@ -109,7 +109,7 @@ GEMMA_PRESETS: dict[str, GemmaConfig] = {
     # bites within a short text, and layer 5 global.
     "tiny-gemma3": GemmaConfig(vocab_size=50257, context_length=256, emb_dim=64, n_heads=4,
                                n_kv_heads=2, n_layers=6, ffn_dim=192, head_dim=16,
-                               sliding_window=16, query_pre_attn_scalar=16.0),
+                               sliding_window=16, query_pre_attn_scalar=16),
 }
 
 
