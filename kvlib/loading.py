@@ -9,9 +9,9 @@ weights from a checkpoint.
     kvlib.load_model(GPTConfig(n_layers=2, ...))  # a shape no preset names, seeded random weights
 
 A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama``,
-``qwen3`` or ``gemma3_text``); a GPT-2 file without one is read off its tensor shapes. A folder
-that also holds a kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model that
-carries it as ``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
+``qwen3``, ``gemma3_text`` or ``gpt_oss``); a GPT-2 file without one is read off its tensor
+shapes. A folder that also holds a kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``)
+gives a model that carries it as ``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from .models import (
     GemmaModel,
     GPTConfig,
     GPTModel,
+    GptOssConfig,
+    GptOssModel,
     LlamaConfig,
     build_model,
 )
@@ -39,7 +41,8 @@ TRAINED = ("mini-gpt2", "mini-llama")  # the presets whose weights kvlib ships
 VOCAB_FILE = "vocab.json"
 
 
-def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig | GemmaConfig = "gpt2",
+def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig | GemmaConfig
+               | GptOssConfig = "gpt2",
                pretrained: bool | None = None, seed: int = 123, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> CausalLM:
     """The model a chapter, test or benchmark uses, in eval mode, on ``device`` in ``dtype``.
@@ -52,7 +55,7 @@ def load_model(preset_or_path: str | os.PathLike | GPTConfig | LlamaConfig | Gem
     path always loads the weights it holds. A config (``GPTConfig``, ``LlamaConfig``) gives seeded
     random weights of a shape no preset names (``kvlib.check_cache``'s small model).
     """
-    if isinstance(preset_or_path, (GPTConfig, LlamaConfig, GemmaConfig)):
+    if isinstance(preset_or_path, (GPTConfig, LlamaConfig, GemmaConfig, GptOssConfig)):
         torch.manual_seed(seed)
         return _ready(build_model(preset_or_path), dtype, device)
     name = os.fspath(preset_or_path)
@@ -99,10 +102,11 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
     """Write ``model`` into ``folder`` as ``load_model(folder)`` reads it: ``model.safetensors``
     in Hugging Face's layout (stored as ``dtype``), ``config.json``, and the tokenizer it
     carries, if any, as ``vocab.json``."""
-    from .hf import gemma, gpt2, llama
+    from .hf import gemma, gpt2, gpt_oss, llama
 
     family = gpt2 if isinstance(model, GPTModel) else llama
     family = gemma if isinstance(model, GemmaModel) else family
+    family = gpt_oss if isinstance(model, GptOssModel) else family
     folder = family.save_pretrained(model, folder, dtype)
     tokenizer = getattr(model, "tokenizer", None)
     if isinstance(tokenizer, TrimmedTokenizer):
@@ -111,7 +115,7 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
 
 
 def _load_weights(name: str) -> CausalLM:
-    from .hf import gemma, gpt2, llama
+    from .hf import gemma, gpt2, gpt_oss, llama
 
     path = Path(name).expanduser()
     if not path.exists():
@@ -128,6 +132,7 @@ def _load_weights(name: str) -> CausalLM:
             "load them with pretrained=False")
     family = llama if checkpoint_family(path) in llama.MODEL_TYPES else gpt2
     family = gemma if checkpoint_family(path) in gemma.MODEL_TYPES else family
+    family = gpt_oss if checkpoint_family(path) in gpt_oss.MODEL_TYPES else family
     model = family.from_pretrained(name)
     vocab = (path if path.is_dir() else path.parent) / VOCAB_FILE
     if is_vocab_file(vocab):  # not Hugging Face's GPT-2 vocab.json, which has another layout
@@ -145,8 +150,8 @@ def checkpoint_family(path: Path) -> str:
         model_type = json.loads(config.read_text()).get("model_type", "gpt2")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{config}: not a readable config.json ({e})") from e
-    if model_type not in ("gpt2", "llama", "qwen3", "gemma3_text"):
+    if model_type not in ("gpt2", "llama", "qwen3", "gemma3_text", "gpt_oss"):
         raise ValueError(f"{config}: model_type {model_type!r}; kvlib loads GPT-2, Llama and "
-                         "Qwen3 checkpoints and Gemma 3 text ones (model_type 'gpt2', 'llama', "
-                         "'qwen3' or 'gemma3_text')")
+                         "Qwen3 checkpoints, Gemma 3 text and gpt-oss ones (model_type 'gpt2', "
+                         "'llama', 'qwen3', 'gemma3_text' or 'gpt_oss')")
     return model_type

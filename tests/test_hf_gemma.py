@@ -150,7 +150,7 @@ def _config(path) -> dict:
     (dict(hidden_activation="gelu"), "hidden_activation"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
-    (dict(model_type="gemma3"), r"Gemma 3 text ones \(model_type .*'gemma3_text'\)"),
+    (dict(model_type="gemma3"), r"Gemma 3 text .*\(model_type .*'gemma3_text'"),
     (dict(rope_parameters={GLOBAL: {"rope_type": "yarn", "factor": 8.0}, LOCAL: {}}),
      "RoPE .* is not supported"),
 ])

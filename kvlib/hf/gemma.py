@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..models.gemma import GLOBAL, LOCAL, GemmaConfig, GemmaModel
-from .files import download, few, local_files, read_safetensors, write_checkpoint
+from .files import assign_weights, download, local_files, read_safetensors, write_checkpoint
 from .llama import hf_name
 
 HUB_NAMES = {"gemma-3-1b": "google/gemma-3-1b-pt",  # gated: accept Google's license first
@@ -153,24 +153,7 @@ def from_hf_state_dict(sd: dict[str, Tensor], cfg: GemmaConfig, source: str = "s
     tensor raises a ``ValueError`` naming it. The model uses the tensors as they are."""
     with torch.device("meta"):  # no time spent on a random init that is overwritten at once
         model = GemmaModel(cfg)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    weights = {}
-    for key, tensor in sd.items():
-        name = key if key.startswith("lm_head.") else key.removeprefix("model.")
-        if _ROPE_BUFFER.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
-            continue  # a tied head is the embedding
-        if name not in expected or tuple(tensor.shape) != expected[name]:
-            want = expected.get(name, "no such tensor")
-            raise ValueError(f"{source}: tensor {key!r} of shape {tuple(tensor.shape)} does not "
-                             f"fit this config ({want}); is config.json this checkpoint's own?")
-        weights[name] = tensor
-    missing = [hf_name(n) for n in expected if n not in weights
-               and not (cfg.tie_embeddings and n == "lm_head.weight")]
-    if missing:
-        raise ValueError(f"{source}: missing tensor(s) {few(missing)} for this Gemma 3 config")
-    if cfg.tie_embeddings:
-        weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    model.load_state_dict(weights, assign=True)
+    assign_weights(model, sd, source, computed=_ROPE_BUFFER, tied_head=cfg.tie_embeddings)
     model.arrange_weights()  # the fast layout for decoding; also ties the head again
     emb = model.embed_tokens.weight
     for rope in (model.rope_local, model.rope_global):  # the tables were built on meta

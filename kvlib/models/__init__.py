@@ -5,6 +5,7 @@
 | GPT-2 | ``gpt2.py`` | learned, a hard limit | multi-head, fused QKV with bias |
 | Llama 3 / Qwen3 | ``llama.py`` | RoPE | grouped-query, optional QK-norm, learned sinks |
 | Gemma 3 | ``gemma.py`` | RoPE, a base per layer type | grouped-query, 5 local : 1 global |
+| gpt-oss | ``gpt_oss.py`` | RoPE (YaRN) | grouped-query, learned sinks, local and global |
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 from .base import CachedAttention, CausalLM, attend, attend_with, check_token_ids
 from .gemma import GEMMA_PRESETS, GemmaConfig, GemmaModel
 from .gpt2 import GPT2_PRESETS, GPTConfig, GPTModel
+from .gpt_oss import GPT_OSS_PRESETS, GptOssConfig, GptOssModel
 from .llama import LLAMA_PRESETS, Llama3RopeScaling, LlamaConfig, LlamaModel
 
-PRESETS: dict[str, GPTConfig | LlamaConfig | GemmaConfig] = {
-    **GPT2_PRESETS, **LLAMA_PRESETS, **GEMMA_PRESETS}
+PRESETS: dict[str, GPTConfig | LlamaConfig | GemmaConfig | GptOssConfig] = {
+    **GPT2_PRESETS, **LLAMA_PRESETS, **GEMMA_PRESETS, **GPT_OSS_PRESETS}
 
 
-def build_model(cfg: GPTConfig | LlamaConfig | GemmaConfig) -> CausalLM:
+def build_model(cfg: GPTConfig | LlamaConfig | GemmaConfig | GptOssConfig) -> CausalLM:
     """A randomly initialised model of the family that ``cfg`` describes."""
     if isinstance(cfg, GPTConfig):
         return GPTModel(cfg)
@@ -26,10 +28,13 @@ def build_model(cfg: GPTConfig | LlamaConfig | GemmaConfig) -> CausalLM:
         return LlamaModel(cfg)
     if isinstance(cfg, GemmaConfig):
         return GemmaModel(cfg)
+    if isinstance(cfg, GptOssConfig):
+        return GptOssModel(cfg)
     raise TypeError(f"no kvlib model family takes a {type(cfg).__name__}; "
-                    "pass a GPTConfig, a LlamaConfig or a GemmaConfig")
+                    "pass a GPTConfig, a LlamaConfig, a GemmaConfig or a GptOssConfig")
 
 
-__all__ = ["GEMMA_PRESETS", "GPT2_PRESETS", "LLAMA_PRESETS", "PRESETS", "CachedAttention",
-           "CausalLM", "GPTConfig", "GPTModel", "GemmaConfig", "GemmaModel", "Llama3RopeScaling",
-           "LlamaConfig", "LlamaModel", "attend", "attend_with", "build_model", "check_token_ids"]
+__all__ = ["GEMMA_PRESETS", "GPT2_PRESETS", "GPT_OSS_PRESETS", "LLAMA_PRESETS", "PRESETS",
+           "CachedAttention", "CausalLM", "GPTConfig", "GPTModel", "GemmaConfig", "GemmaModel",
+           "GptOssConfig", "GptOssModel", "Llama3RopeScaling", "LlamaConfig", "LlamaModel",
+           "attend", "attend_with", "build_model", "check_token_ids"]
