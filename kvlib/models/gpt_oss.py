@@ -229,10 +229,12 @@ class GptOssModel(CausalLM):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.rope = YarnRotaryEmbedding(cfg)  # no weights: a table computed from the config
         for name, p in self.named_parameters():  # transformers' init: normal(0, 0.02), biases 0
-            if p.dim() > 1 or name.endswith("sinks"):
+            if p.dim() > 1:
                 nn.init.normal_(p, mean=0.0, std=0.02)
-            elif not name.endswith("norm.weight"):
+            elif "norm" not in name:
                 nn.init.zeros_(p)
+        for layer in self.layers:  # the sink logits too
+            nn.init.normal_(layer.self_attn.sinks, mean=0.0, std=0.02)
         self.arrange_weights()  # the fast layout for decoding (see CausalLM.arrange_weights)
         self.set_kv_cache()  # growing caches on global layers, rings on local ones
 
