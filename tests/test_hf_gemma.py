@@ -7,6 +7,7 @@ tokens as ``generate(do_sample=False)`` through every cache that applies, the by
 on local layers, and a clear error for what kvlib does not implement.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -175,3 +176,37 @@ def test_transformers_4_config_layout_is_read():
     assert cfg.tie_embeddings  # Gemma's default
     with pytest.raises(ValueError, match="multimodal Gemma 3 .* loads the text model only"):
         config_from_hf({**d, "model_type": "gemma3"})
+
+
+def test_soft_capped_scores_equal_transformers_eager_attention():
+    """kvlib's attn_softcap (Gemma 2's, which transformers' Gemma 3 stores but never passes on)
+    against the eager attention function transformers' Gemma 3 module defines with a softcap,
+    over a local window: the same ``cap * tanh(scores / cap)`` before the mask."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    from kvlib.models.base import attend_with
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(1, 4, 12, 16, generator=g) * 3, *torch.randn(2, 1, 2, 12, 16,
+                                                                       generator=g)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, False
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    visible = (j <= i) & (j > i - 5)  # a window of 5
+    mask = torch.zeros(12, 12).masked_fill(~visible, float("-inf"))[None, None]
+    theirs, _ = modeling_gemma3.eager_attention_forward(module, q, k, v, mask, scaling=24**-0.5,
+                                                        softcap=2.0)
+    ours = attend_with(q, k, v, None, window=5, scale=24**-0.5, softcap=2.0)
+    torch.testing.assert_close(ours.transpose(1, 2), theirs, atol=1e-6, rtol=0)
+    assert (attend_with(q, k, v, None, window=5, scale=24**-0.5) - ours).abs().max() > 1e-3
+
+
+def test_a_model_with_attn_softcap_runs_and_has_no_transformers_twin(case):
+    cfg = dataclasses.replace(case[3].cfg, attn_softcap=5.0)
+    torch.manual_seed(0)
+    model = GemmaModel(cfg).eval()
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(kvlib.generate(model, prompt, 20, cache="prealloc").tokens,
+                       kvlib.generate(model, prompt, 20).tokens)
+    with pytest.raises(ValueError, match="ignores attn_logit_softcapping"):
+        config_to_hf(cfg)

@@ -196,6 +196,10 @@ class CausalLM(nn.Module):
         "evict" (its recent window); ``options`` go to the cache class (``n_sink=`` for "sinks";
         ``bits=``, ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for
         "evict"; ``block_size=`` for "paged").
+
+        A model with local layers (Gemma 3, gpt-oss: ``LayerSpec.window``) keeps a ring of its
+        window in each of them whatever the strategy; the strategy and ``window=`` are the
+        global layers' (``kvlib.caches.registry.with_local_layers``).
         """
         caches = build(strategy, self.layer_specs(), max_len=max_len, window=window, **options)
         device = next(self.parameters()).device
