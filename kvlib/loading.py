@@ -9,9 +9,10 @@ weights from a checkpoint.
     kvlib.load_model(GPTConfig(n_layers=2, ...))  # a shape no preset names, seeded random weights
 
 A local checkpoint's family comes from its ``config.json`` (``model_type``: ``gpt2``, ``llama``,
-``qwen3`` or ``deepseek_v3``); a GPT-2 file without one is read off its tensor shapes. A folder
-that also holds a kvlib ``vocab.json`` (a trimmed vocabulary, ``kvlib.vocab``) gives a model
-that carries it as ``model.tokenizer``: ``kvlib.tokenizer_for(model)`` returns it.
+``qwen3``, ``deepseek_v3``, ``gemma3_text`` or ``gpt_oss``); a GPT-2 file without one is read
+off its tensor shapes. A folder that also holds a kvlib ``vocab.json`` (a trimmed vocabulary,
+``kvlib.vocab``) gives a model that carries it as ``model.tokenizer``:
+``kvlib.tokenizer_for(model)`` returns it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-from .models import PRESETS, CausalLM, DeepseekModel, GPTModel, ModelConfig, build_model
+from .models import (
+    PRESETS,
+    CausalLM,
+    DeepseekModel,
+    GemmaModel,
+    GPTModel,
+    GptOssModel,
+    ModelConfig,
+    build_model,
+)
 from .vocab import TrimmedTokenizer, is_vocab_file
 
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"  # kvlib/trained/<name>/
@@ -91,13 +101,17 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
     """Write ``model`` into ``folder`` as ``load_model(folder)`` reads it: ``model.safetensors``
     in Hugging Face's layout (stored as ``dtype``), ``config.json``, and the tokenizer it
     carries, if any, as ``vocab.json``."""
-    from .hf import deepseek, gpt2, llama
+    from .hf import deepseek, gemma, gpt2, gpt_oss, llama
 
     family = llama
     if isinstance(model, GPTModel):
         family = gpt2
     elif isinstance(model, DeepseekModel):
         family = deepseek
+    elif isinstance(model, GemmaModel):
+        family = gemma
+    elif isinstance(model, GptOssModel):
+        family = gpt_oss
     folder = family.save_pretrained(model, folder, dtype)
     tokenizer = getattr(model, "tokenizer", None)
     if isinstance(tokenizer, TrimmedTokenizer):
@@ -106,14 +120,14 @@ def save_model(model: CausalLM, folder: str | os.PathLike,
 
 
 def _load_weights(name: str) -> CausalLM:
-    from .hf import deepseek, gpt2, llama
+    from .hf import deepseek, gemma, gpt2, gpt_oss, llama
 
     path = Path(name).expanduser()
     if not path.exists():
-        for family in (gpt2, llama):
+        for family in (gpt2, llama, gemma):
             if name in family.HUB_NAMES or name in family.HUB_NAMES.values():
                 return family.from_pretrained(name)
-        hub = [*gpt2.HUB_NAMES, *llama.HUB_NAMES]
+        hub = [*gpt2.HUB_NAMES, *llama.HUB_NAMES, *gemma.HUB_NAMES]
         if os.sep in name or name.endswith(".safetensors"):
             raise FileNotFoundError(f"{name!r}: no such checkpoint file or directory (pass a "
                                     f"local Hugging Face folder, or a hub name: {', '.join(hub)})")
@@ -122,7 +136,8 @@ def _load_weights(name: str) -> CausalLM:
             "existing file or directory; the other presets have no weights to download: "
             "load them with pretrained=False")
     model_type = checkpoint_family(path)
-    family = next((f for f in (llama, deepseek) if model_type in f.MODEL_TYPES), gpt2)
+    family = next((f for f in (llama, deepseek, gemma, gpt_oss) if model_type in f.MODEL_TYPES),
+                  gpt2)
     model = family.from_pretrained(name)
     vocab = (path if path.is_dir() else path.parent) / VOCAB_FILE
     if is_vocab_file(vocab):  # not Hugging Face's GPT-2 vocab.json, which has another layout
@@ -140,8 +155,9 @@ def checkpoint_family(path: Path) -> str:
         model_type = json.loads(config.read_text()).get("model_type", "gpt2")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{config}: not a readable config.json ({e})") from e
-    if model_type not in ("gpt2", "llama", "qwen3", "deepseek_v3"):
+    if model_type not in ("gpt2", "llama", "qwen3", "deepseek_v3", "gemma3_text", "gpt_oss"):
         raise ValueError(f"{config}: model_type {model_type!r}; kvlib loads GPT-2, Llama and "
-                         "Qwen3 checkpoints, and DeepSeek-V3's with dense layers (model_type "
-                         "'gpt2', 'llama', 'qwen3' or 'deepseek_v3')")
+                         "Qwen3 checkpoints, DeepSeek-V3's with dense layers, Gemma 3 text and "
+                         "gpt-oss ones (model_type 'gpt2', 'llama', 'qwen3', 'deepseek_v3', "
+                         "'gemma3_text' or 'gpt_oss')")
     return model_type

@@ -100,13 +100,19 @@ def llama_params(cfg: LlamaConfig) -> int:
 
 
 def spec_of(name: str, cfg: GPTConfig | LlamaConfig) -> ModelSpec:
-    """The ModelSpec of a kvlib config (GPT-2 or Llama: keys and values per head)."""
+    """The ModelSpec of a kvlib config: keys and values per head (GPT-2, Llama), a latent
+    (DeepSeek), local layers that keep a window (Gemma 3, gpt-oss; parameters not counted: 0)."""
     if isinstance(cfg, DeepseekConfig):  # one latent per token and layer, for every head
         return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.qk_head_dim,
                          0, cfg.context_length, latent_dim=cfg.latent_dim)
     if isinstance(cfg, GPTConfig):
         return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.head_dim,
                          gpt2_params(cfg), cfg.context_length)
+    if not isinstance(cfg, LlamaConfig):  # Gemma 3, gpt-oss: local layers keep a window
+        windows = [cfg.window(i) for i in range(cfg.n_layers)]
+        return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 0,
+                         cfg.context_length, window=cfg.sliding_window,
+                         global_layers=windows.count(None))
     return ModelSpec(name, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                      llama_params(cfg), cfg.context_length)
 

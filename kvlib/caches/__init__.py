@@ -10,7 +10,8 @@
 |                 | forward's tables and slots), ``PagedCache`` (one layer's view) and         |
 |                 | ``RowPager`` (an equal batch's blocks with no engine; the engine's books:  |
 |                 | ``kvlib.serving``)                                                         |
-| ``registry.py`` | ``STRATEGIES``, written out once; ``register``; ``build``                   |
+| ``registry.py`` | ``STRATEGIES``, written out once; ``register``; ``build`` (local layers:   |
+|                 | a ring of their own window, ``with_local_layers``)                         |
 
 A new strategy: a ``KVCache`` subclass in the module of its family, with its ``traits``, and one
 line in ``registry.STRATEGIES`` (a reader's own: ``kvlib.caches.register("mine", MyCache)``).

@@ -7,7 +7,8 @@
 - ``Traits``: what a strategy *is*, declared once by its class (``traits = Traits(...)``) and read
   where generation and attention are set up, never probed per step.
 - ``LayerSpec``: what a cache may need to know of the layer it serves; the model hands one per
-  layer to ``kvlib.caches.build``, so no model code ever names a strategy.
+  layer to ``kvlib.caches.build``, so no model code ever names a strategy. A local layer (one
+  that attends over a window of its own, as five in six of Gemma 3's do) says its ``window``.
 - ``attention_mask``: the causal (and windowed) mask of queries that end a run of keys.
 """
 
@@ -31,6 +32,7 @@ class LayerSpec:
     # True: what is cached is a latent that attention expands, not keys and values (multi-head
     # latent attention, kvlib.models.deepseek): a strategy may store it, never move it as keys
     latent: bool = False
+    window: int | None = None  # a local layer's own sliding window (Gemma 3); None: global
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ to do, and the class does the rest. A reader's own strategy joins with ``registe
 
     kvlib.caches.register("mine", MyCache)
     kvlib.generate(model, ids, 20, cache="mine")
+
+A model with local (sliding-window) layers says so in their ``LayerSpec.window``: ``build`` then
+gives those layers a ring of their window and the strategy asked to the other layers
+(``with_local_layers``).
 """
 
 from __future__ import annotations
@@ -107,11 +111,14 @@ def checked_options(name: str, context_length: int, max_len: int | None = None,
 def build(name: str, layers: list[LayerSpec], *, max_len: int | None = None,
           window: int | None = None, **options) -> list[KVCache]:
     """One cache of strategy ``name`` per layer, from the user's options (see
-    ``checked_options``)."""
+    ``checked_options``). A model whose layers say a ``window`` of their own (local layers)
+    gets ``with_local_layers``: those layers keep their window whatever ``name`` is."""
     ctx = layers[0].context_length
     kwargs = checked_options(name, ctx, max_len=max_len, window=window, **options)
     check_layers(name, layers)
-    return STRATEGIES[name].for_layers(layers, **kwargs)
+    if all(layer.window is None for layer in layers):
+        return STRATEGIES[name].for_layers(layers, **kwargs)
+    return with_local_layers(name, layers, **kwargs)
 
 
 def moves_keys(cls: type[KVCache]) -> bool:
@@ -130,3 +137,38 @@ def check_layers(name: str, layers: list[LayerSpec]) -> None:
             "compressed c_kv, which carries no position, beside one RoPE key shared by every "
             "head), not rotated keys: use 'sliding' (the window without sinks) or 'recompute' "
             "(the window recomputed every step, which caches nothing)")
+
+
+def with_local_layers(name: str, layers: list[LayerSpec], **options) -> list[KVCache]:
+    """The caches of a model whose layers are local (a sliding window of their own,
+    ``LayerSpec.window``) or global (every earlier token): Gemma 3's five local layers to one
+    global, gpt-oss's alternation.
+
+    A local layer never needs more than its window, so it gets a ring of that window
+    (``SlidingWindowCache``; for "none", nothing kept and attention masked to the window); the
+    global layers get strategy ``name`` with the user's ``options`` (``window=`` is theirs too),
+    built together, so a storage their strategy shares (paged blocks) serves them alone.
+
+    Refused: a strategy that changes how generation feeds the tokens (one token per call once
+    full: "sinks", "evict"; a recomputed window: "recompute"). ``kvlib.generate`` learns that
+    from the first layer's cache, a local layer's ring here, so the global layers would be fed
+    what they cannot take.
+    """
+    cls = STRATEGIES[name]
+    t = cls.traits
+    if t.one_token_when_full or t.recomputes_window or t.needs_scores:
+        local = [i for i, layer in enumerate(layers) if layer.window is not None]
+        fits = [n for n, c in STRATEGIES.items() if not (c.traits.one_token_when_full
+                or c.traits.recomputes_window or c.traits.needs_scores)]
+        raise ValueError(
+            f"the {name!r} cache cannot serve a model with sliding-window layers (layers "
+            f"{local} attend over windows of their own): it changes how generation feeds the "
+            "tokens (one per call once full, or a recomputed window), which generation reads "
+            "from the first layer's cache, a local ring here. Use one of "
+            f"{fits}: local layers get a ring of their window, global layers that strategy")
+    glob = [layer for layer in layers if layer.window is None]
+    made = iter(cls.for_layers(glob, **options) if glob else [])
+    lookahead = options.get("lookahead", 0) if issubclass(cls, SlidingWindowCache) else 0
+    return [next(made) if layer.window is None
+            else SlidingWindowCache(layer.window, lookahead) if t.keeps_tokens
+            else NoCache(window=layer.window) for layer in layers]

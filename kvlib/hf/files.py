@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -128,3 +129,33 @@ def few(names: list[str], n: int = 5) -> str:
     """The first ``n`` names quoted, and how many more: for error messages."""
     shown = ", ".join(repr(x) for x in names[:n])
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def assign_weights(model: torch.nn.Module, sd: dict[str, Tensor], source: str,
+                   computed: re.Pattern | None = None, tied_head: bool = False) -> None:
+    """Put the tensors of ``sd`` (Hugging Face names: ``model.`` before every name but
+    ``lm_head``'s, or no prefix at all) into ``model``, built on the meta device, as they are
+    (``load_state_dict(assign=True)``: no copy). ``computed`` matches the names of tensors kvlib
+    computes from the config (RoPE frequencies), which are skipped; a ``tied_head`` is the
+    embedding, so ``lm_head.weight`` may be absent. A missing, unexpected or misshapen tensor
+    raises a ``ValueError`` naming it and ``source``."""
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    weights = {}
+    for key, tensor in sd.items():
+        name = key if key.startswith("lm_head.") else key.removeprefix("model.")
+        if computed is not None and computed.search(name):
+            continue
+        if tied_head and name == "lm_head.weight":
+            continue  # the embedding is the head
+        if name not in expected or tuple(tensor.shape) != expected[name]:
+            want = expected.get(name, "no such tensor")
+            raise ValueError(f"{source}: tensor {key!r} of shape {tuple(tensor.shape)} does not "
+                             f"fit this config ({want}); is config.json this checkpoint's own?")
+        weights[name] = tensor
+    missing = [n for n in expected if n not in weights
+               and not (tied_head and n == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {few(missing)} for this config")
+    if tied_head:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    model.load_state_dict(weights, assign=True)

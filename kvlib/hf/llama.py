@@ -114,6 +114,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     """The ``config.json`` of a kvlib config, as transformers 4 writes it (``rope_theta`` and
     ``rope_scaling`` on top; no transformers needed); ``config_from_hf`` reads it back. No bos,
     eos or pad token: kvlib's configs have none, so ``generate`` never stops early."""
+    if cfg.attn_sinks:
+        raise ValueError("no transformers Llama or Qwen3 has learned attention sinks "
+                         "(attn_sinks=True: gpt-oss's): such a model has no checkpoint layout here")
     s = cfg.rope_scaling
     scaling = None if s is None else {
         "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,

@@ -4,7 +4,9 @@ A model family (``gpt2.py``, ``llama.py``) writes its own blocks and ``forward``
 its attention layers are (``layer_specs``); it inherits ``set_kv_cache``, ``using``,
 ``reset_kv_cache``, ``caches`` and ``kv_cache_nbytes`` from ``CausalLM``, and every attention
 layer calls ``attend`` with its queries, keys and values, so each cache strategy works with each
-family unchanged. No model names a strategy: ``kvlib.caches.build`` makes them.
+family unchanged. No model names a strategy: ``kvlib.caches.build`` makes them. A layer whose
+attention is more than plain causal attention (a window of its own, another scale, soft-capped
+scores, learned sinks: ``gemma.py``, ``llama.py``'s ``attn_sinks``) calls ``attend_with``.
 """
 
 from __future__ import annotations
@@ -82,6 +84,67 @@ def scored_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
     return weights @ v  # (B, H, T, D)
 
 
+def attend_with(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, *,
+                window: int | None = None, scale: float | None = None,
+                softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
+    """``attend`` for layers that need more than plain causal attention: a sliding ``window``
+    of their own (a local layer, with or without a cache), another ``scale`` than
+    ``1 / sqrt(D)`` (Gemma's ``query_pre_attn_scalar``), tanh ``softcap``ping of the scores
+    (``softcap * tanh(scores / softcap)``), or a learned sink logit per query head, ``sinks``
+    ``(H,)`` (gpt-oss: ``softmax([scores, sink])`` without its last column, so a head may give
+    part of its attention to nothing). The fused kernel takes the first two; the others are
+    written out (``written_attention``). Shapes as for ``attend``.
+    """
+    B, H, T, D = q.shape
+    mask = None
+    if cache is not None:
+        k, v = cache.update(k, v)  # (B, H_kv, S, D)
+        held = [w for w in (window, cache.window) if w is not None]  # the narrower one wins
+        window = min(held) if held else None
+        mask = cache.batch_mask(T, k.shape[2])  # rows at different lengths: (B, 1, T, S)
+    S = k.shape[2]
+    causal = attention_mask(T, S, window, q.device)  # (T, S), None for a decode step
+    if mask is None or causal is None:
+        mask = causal if mask is None else mask
+    else:
+        mask = mask & causal  # (B, 1, T, S)
+    written = softcap is not None or sinks is not None
+    if cache is not None and cache.traits.needs_scores or written:
+        return written_attention(q, k, v, mask, cache, scale, softcap, sinks)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=k.shape[1] != H)
+
+
+def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                      cache: KVCache | None = None, scale: float | None = None,
+                      softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
+    """Attention written out, of queries ``(B, H, T, D)`` over keys and values
+    ``(B, H_kv, S, D)`` (``mask``: True where a query may look): the weights of
+    ``attention_weights``, handed to a cache that needs them (H2O), times the values."""
+    weights = attention_weights(q, k, mask, scale, softcap, sinks)  # (B, H, T, S)
+    if cache is not None and cache.traits.needs_scores:
+        cache.observe(weights)
+    return weights @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, H, T, D)
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, scale: float | None = None,
+                      softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
+    """Softmax weights ``(B, H, T, S)``: scores scaled, soft-capped if ``softcap``, masked, then
+    each head's sink logit joins them as one more column before the softmax and is dropped
+    after it (a row then sums to less than one)."""
+    B, H, T, D = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1)  # (B, H, S, D): each kv head for its group
+    scores = q @ k.transpose(-2, -1) * (D**-0.5 if scale is None else scale)  # (B, H, T, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return scores.softmax(dim=-1)
+    sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)  # (B, H, T, 1)
+    return torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # the sink dropped
+
+
 class CausalLM(nn.Module):
     """The cache plumbing of a decoder-only model: one cache per attention layer, and the checks
     that the positions fit the model. The caches own the position: the next token goes at the
@@ -133,6 +196,10 @@ class CausalLM(nn.Module):
         "evict" (its recent window); ``options`` go to the cache class (``n_sink=`` for "sinks";
         ``bits=``, ``group_size=``, ``residual=`` for "quantized"; ``budget=``, ``n_sink=`` for
         "evict"; ``block_size=`` for "paged").
+
+        A model with local layers (Gemma 3, gpt-oss: ``LayerSpec.window``) keeps a ring of its
+        window in each of them whatever the strategy; the strategy and ``window=`` are the
+        global layers' (``kvlib.caches.registry.with_local_layers``).
         """
         caches = build(strategy, self.layer_specs(), max_len=max_len, window=window, **options)
         device = next(self.parameters()).device
@@ -161,6 +228,14 @@ class CausalLM(nn.Module):
         (``(B,)``; None: none). Positions then start at each row's first real token and no query
         attends to padding, so every row gets the tokens it would get alone. The padding stays
         with the caches (``reset_kv_cache`` keeps it) until ``set_kv_cache`` makes new ones."""
+        if pad is not None:
+            fixed = [c for c in self.caches if not c.traits.takes_padding or c.window is not None]
+            if fixed:
+                raise ValueError(
+                    f"a padded batch needs caches that keep one position per slot and no window "
+                    f"of their own, but this model has {type(fixed[0]).__name__} (window "
+                    f"{fixed[0].window}) in {len(fixed)} layers: generate the prompts one at a "
+                    "time, or give them equal lengths")
         for cache in self.caches:
             cache.pad = pad
 

@@ -12,6 +12,8 @@ What changes against GPT-2 (``gpt2.py``), one idea at a time:
 - **RMSNorm** (no mean, no bias), a **SwiGLU** MLP, no biases anywhere, an output head that is
   tied to the token embedding or not (``tie_embeddings``).
 - **Qwen3** adds ``qk_norm``: an RMSNorm over each head's query and key before the rotation.
+- **gpt-oss** adds ``attn_sinks``: each query head learns one logit that joins its scores in the
+  softmax and is dropped after it (``SinkAttention``), so a head may attend to nothing at all.
 
 Module names are Hugging Face's (``embed_tokens``, ``layers.0.self_attn.q_proj``, ``norm``,
 ``lm_head``), so a checkpoint's state dict maps 1:1 once its ``model.`` prefix is dropped (see
@@ -29,7 +31,14 @@ from torch import Tensor, nn
 
 from ..caches import LayerSpec
 from ..rotary import apply_rope, rotate_half  # noqa: F401  (rotate_half: chapter 7 shows it here)
-from .base import CachedAttention, CausalLM, attend, check_token_ids
+from .base import (
+    CachedAttention,
+    CausalLM,
+    attend,
+    attend_with,
+    attention_weights,
+    check_token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head
     tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    attn_sinks: bool = False  # gpt-oss: a learned sink logit per query head (SinkAttention)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -179,8 +189,7 @@ class RotaryEmbedding(nn.Module):
         """Compute the table of ``positions`` positions (loading calls it to replace the table of
         a model built on the meta device)."""
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor even in generate
-            inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)
-            inv_freq = inv_freq if device is None else inv_freq.to(device)
+            inv_freq = self.inv_freq if device is None else self.inv_freq.to(device)
             pos = torch.arange(positions, device=inv_freq.device).float()
             freqs = pos[:, None] * inv_freq[None, :]  # (positions, D/2)
             angles = torch.cat([freqs, freqs], dim=-1)  # (positions, D): rotate_half's layout
@@ -265,6 +274,35 @@ class GroupedQueryAttention(CachedAttention):
         return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
+class SinkAttention(GroupedQueryAttention):
+    """Grouped-query attention with gpt-oss's learned sinks: head h's scores get one more
+    column, the logit ``sinks[h]``, before the softmax, and lose it after, so the weights of
+    the real keys sum to less than one ("softmax plus one" when the logit is 0, its start).
+    A head that has nothing to look at need not park its attention on the first token, as the
+    attention sinks of StreamingLLM do (chapter 8). The fused kernel takes no such column, so
+    the attention is written out (``kvlib.models.base.written_attention``)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__(cfg)
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads))  # (H,) transformers' name and shape
+        self.window: int | None = None  # every Llama layer is global (gpt-oss's local: a window)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_cache: bool = False) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        y = attend_with(q, k, v, self.kv_cache if use_cache else None, window=self.window,
+                        sinks=self.sinks)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attention_weights(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The causal weights ``(B, H, T, T)`` of the real keys (each row sums to less than one:
+        the rest went to the sink)."""
+        q, k, _ = self.project(x, cos, sin)
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return attention_weights(q, k, causal, sinks=self.sinks)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -280,7 +318,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
-        self.self_attn = GroupedQueryAttention(cfg)
+        self.self_attn = (SinkAttention if cfg.attn_sinks else GroupedQueryAttention)(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 

@@ -75,6 +75,13 @@ class Engine:
     def __init__(self, model: CausalLM, block_size: int = 16, num_blocks: int | None = None,
                  eos_id: int | None = None, prefix_caching: bool = True) -> None:
         cfg = model.cfg
+        local = [i for i, spec in enumerate(model.layer_specs()) if spec.window is not None]
+        if local:
+            raise ValueError(
+                f"kvlib.Engine pages every layer's keys for full attention, but layers {local} "
+                "of this model attend over a window of their own (Gemma 3): generate with "
+                "kvlib.generate(..., cache='paged'), which gives those layers rings of their "
+                "window")
         if num_blocks is None:  # four full contexts, unless told
             num_blocks = 4 * math.ceil(cfg.context_length / block_size) \
                 if isinstance(block_size, int) and block_size > 0 else 0
