@@ -134,10 +134,11 @@ class Books:
         if most > n:
             fit = (n - shared) // max(self._most_blocks(rows[0]) - shared, 1)
             raise ValueError(
-                f"these {len(rows)} rows may need up to {most} blocks of {bs} tokens (the "
-                f"{shared} they share once, the rest for each row), but the pool has {n} blocks "
-                f"in all: they can never run. Ask for fewer rows (at most {fit} fit) or make "
-                "the pool larger (Engine(num_blocks=...))")
+                f"these {len(rows)} rows (a request and the forks or beams that share its "
+                f"blocks) may need up to {most} blocks of {bs} tokens (the {shared} they share "
+                f"once, the rest for each row), but the pool has {n} blocks in all: they can "
+                f"never run. Ask for fewer rows (at most {fit} fit) or make the pool larger "
+                "(Engine(num_blocks=...))")
         budget = self.max_batched_tokens
         if budget is not None and len(rows) > budget:
             raise ValueError(f"{len(rows)} rows would decode {len(rows)} tokens every step, more "
