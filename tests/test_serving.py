@@ -162,7 +162,7 @@ def test_fork_copies_a_shared_block_before_writing(tiny):
     engine = kvlib.Engine(tiny, block_size=8, num_blocks=12)
     a = engine.add_request(torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3]), 10)  # 10 = 8 + 2
     engine.step()
-    child = engine.fork(a)
+    [child] = engine.fork(a)
     last = engine.requests[a].blocks[-1]
     assert engine.requests[child].blocks == engine.requests[a].blocks
     assert engine.pool.refs[last] == 2

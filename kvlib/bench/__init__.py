@@ -32,6 +32,7 @@ The modules, in the order a run uses them:
 | ``targets`` | the targets and their limits (medians and spreads: ``kvlib.measure.stats``) |
 | ``report``, ``figures`` | RESULTS.md and the PNGs, from the JSON |
 | ``streaming``, ``serving``, ``compress`` | past the context, many requests, compressed caches |
+| ``surgery`` | the engine: latency with and without chunked prefill, blocks forks and beams share |
 | ``cli`` | the command line |
 """
 

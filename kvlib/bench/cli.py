@@ -21,6 +21,7 @@ from .report import compile_text, lockstep_text, report, summary_table
 from .run import Bench
 from .serving import serving, serving_lines
 from .streaming import streaming, streaming_lines
+from .surgery import chunked_prefill, sharing, surgery_lines
 
 DESCRIPTION = ("Benchmarks: every cache strategy, measured against the weight-streaming floor and "
                "Hugging Face.")
@@ -118,6 +119,22 @@ def add_serving_parsers(sub) -> None:
     sv.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
     sv.add_argument("--out", default="serving.json")
     sv.add_argument("--no-progress", action="store_true")
+    su = sub.add_parser("surgery", help="the engine: inter-token latency with and without "
+                        "chunked prefill, and the blocks forks and beams share")
+    su.add_argument("--model", default="mini-llama", help="random-weight shape")
+    su.add_argument("--budgets", type=_csv(), default=["none", "512", "128", "32"],
+                    help="max_batched_tokens values (none: no budget)")
+    su.add_argument("--decoders", type=int, default=8)
+    su.add_argument("--decode-tokens", type=int, default=64)
+    su.add_argument("--long-prompts", type=int, default=4)
+    su.add_argument("--long-len", type=int, default=384)
+    su.add_argument("--arrive-every", type=int, default=8)
+    su.add_argument("--block-size", type=int, default=16)
+    su.add_argument("--repeats", type=int, default=3)
+    su.add_argument("--warmup", type=int, default=1)
+    su.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    su.add_argument("--out", default="surgery.json")
+    su.add_argument("--no-progress", action="store_true")
     cp = sub.add_parser("compress", help="quantized and evicting caches: perplexity, greedy "
                         "agreement, bytes held and decode step (a minute or two)")
     cp.add_argument("--model", default="mini-llama")
@@ -208,6 +225,18 @@ def cmd_serving(args: argparse.Namespace, argv: list[str]) -> None:
     print("\n".join(serving_lines(runs)))
 
 
+def cmd_surgery(args: argparse.Namespace, argv: list[str]) -> None:
+    budgets = tuple(None if b == "none" else int(b) for b in args.budgets)
+    chunked = chunked_prefill(args.model, budgets, args.decoders, args.decode_tokens,
+                              args.long_prompts, args.long_len, args.arrive_every,
+                              args.block_size, args.repeats, args.warmup,
+                              progress=not args.no_progress)
+    d = {"kind": "surgery", "chunked": chunked,
+         "sharing": sharing(args.model, block_size=args.block_size), "command": _command(argv)}
+    _write(args.out, d)
+    print("\n".join(surgery_lines(d)))
+
+
 def cmd_compress(args: argparse.Namespace, argv: list[str]) -> None:
     d = compress(args.model, args.windows, repeats=args.repeats, gpt2=not args.no_gpt2,
                  hf=not args.no_hf, progress=not args.no_progress)
@@ -246,7 +275,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
             "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving,
-            "compress": cmd_compress}
+            "compress": cmd_compress, "surgery": cmd_surgery}
 
 
 def main(argv: list[str] | None = None) -> None:

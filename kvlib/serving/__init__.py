@@ -25,15 +25,32 @@ cuts memory into pages:
   equal length, needs no engine: ``kvlib.generate(model, ids, n, cache="paged", block_size=16)``.
 - ``Engine`` runs requests with **continuous batching**: at every step, requests that have
   arrived join as soon as the pool can promise them every block they may need, each request gets
-  one new token, and a finished request leaves at once and frees its blocks for the next.
+  one new token, and a finished request leaves at once and frees its blocks for the next
+  (``engine.py``; the block keeping is ``books.py``, a request and a step's record
+  ``request.py``).
 
-Greedy decoding only: the engine is here to show memory and scheduling, and greedy tokens let the
-tests check that every request gets exactly the tokens it gets alone.
+Each request draws its tokens its own way: greedy (the default), sampled with its own seeded
+generator (so its tokens do not depend on what else is in the batch), or as a beam search. Three
+things vLLM's scheduler does beyond that, the first two by sharing blocks within one request's
+family of rows:
+
+- ``Engine.fork(request_id, n, seed)``: ``n`` samples of one prompt, which is computed and stored
+  once; each sample writes its own tokens into its own blocks from the first block they part in.
+- ``add_request(..., num_beams=k)``: the ``k`` beams are rows whose block tables are copied from
+  the beam they continue, every step (``beams.py``): the prompt and the hypotheses' common start
+  are stored once, and a copy is made only of a last, partly filled block that two beams write.
+- ``Engine(max_batched_tokens=N)``: each step computes at most ``N`` tokens, decodes first, and a
+  long prompt is prefilled in chunks over several steps instead of stalling the running requests.
+
+The tests check that every request gets exactly the tokens it gets alone (greedy, or sampled with
+the same seed), and that a beam search gives transformers' beams.
 """
 
 from ..caches.paged import BlockStorage, PagedBatch, PagedCache
-from .engine import Engine, Request, StepRecord
+from .beams import continue_beams, select_beams
+from .engine import Engine
 from .pool import BlockPool
+from .request import Request, StepRecord
 
 __all__ = ["BlockPool", "BlockStorage", "Engine", "PagedBatch", "PagedCache", "Request",
-           "StepRecord"]
+           "StepRecord", "continue_beams", "select_beams"]

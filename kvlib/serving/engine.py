@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -13,57 +12,28 @@ from torch import Tensor
 from ..caches.paged import BlockStorage, PagedBatch, PagedCache
 from ..models import CausalLM, check_token_ids
 from ..timing import Stopwatch
+from .beams import continue_beams, select_beams
+from .books import BUDGET_FIX, Books
 from .pool import BlockPool
+from .request import Request, StepRecord, check_sampling, new_generator
 
 
-@dataclass
-class Request:
-    """One request: its prompt, what it has produced, and its blocks."""
+class Engine(Books):
+    """Continuous batching over a paged cache, each request greedy, sampled or a beam search.
 
-    id: int
-    prompt: list[int]
-    max_new_tokens: int
-    arrival_step: int = 0
-    output: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # the block table
-    cached_tokens: int = 0  # prompt tokens found in the pool (prefix hits): never computed
-    state: str = "waiting"  # waiting -> running -> finished
-    first_step: int | None = None  # the step it joined the batch
-    finish_step: int | None = None
+    ``add_request(ids, max_new_tokens, arrival_step, temperature, top_k, seed, num_beams)``
+    queues a request; ``fork(request_id, n, seed)`` gives a request ``n`` siblings that share
+    its blocks (parallel sampling); ``step()`` advances the clock by one step: every request
+    already decoding decodes one token, all of them in one batched forward, and prompts are
+    prefilled: requests that have arrived join (first come, first served) while the pool can
+    promise each the blocks it may need, and each runs the part of its prompt not found in the
+    pool. ``run()`` steps until every request is done and returns ``{request id: prompt +
+    output}``. ``stats`` counts blocks and bytes.
 
-    @property
-    def length(self) -> int:
-        """Tokens whose keys and values the pool holds for it (the newest output not yet)."""
-        return len(self.prompt) + max(len(self.output) - 1, 0)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-
-@dataclass
-class StepRecord:
-    """What one engine step did, for pictures (``kvlib.plots.plot_engine_step``)."""
-
-    step: int
-    tables: dict[int, list[int]]  # request id -> its blocks, for every running request
-    refs: list[int]  # every block's reference count after the step
-    joined: list[int]  # requests prefilled in this step
-    finished: list[int]  # requests that ended in this step
-    waiting: list[int]  # requests that had arrived but had to wait
-    filled: dict[int, int]  # request id -> tokens it holds
-    stats: dict[str, int]  # ``Engine.stats`` after the step
-
-
-class Engine:
-    """Continuous batching over a paged cache (greedy decoding).
-
-    ``add_request(ids, max_new_tokens, arrival_step)`` queues a request; ``step()`` advances the
-    clock by one step: requests that have arrived join (first come, first served) while the pool
-    can promise each the blocks it may need, each one is prefilled (only the part of its prompt
-    that is not found in the pool), then every request that was already running decodes one
-    token, all of them in one batched forward. ``run()`` steps until every request is done and
-    returns ``{request id: prompt + output}``. ``stats`` counts blocks and bytes.
+    ``max_batched_tokens`` (vLLM's ``max_num_batched_tokens``) caps the tokens a step computes:
+    decodes first, one token for each running row, then prompt chunks with what is left, so a
+    long prompt is split over several steps instead of stalling every running request for a
+    whole step (**chunked prefill**). ``None`` (the default): every prompt in one go.
 
     Three pieces hold the state: ``pool`` (a ``BlockPool``: the books, which blocks are free,
     shared, findable by prefix), ``storage`` (a ``BlockStorage``: every layer's keys and values,
@@ -73,7 +43,8 @@ class Engine:
     """
 
     def __init__(self, model: CausalLM, block_size: int = 16, num_blocks: int | None = None,
-                 eos_id: int | None = None, prefix_caching: bool = True) -> None:
+                 eos_id: int | None = None, prefix_caching: bool = True,
+                 max_batched_tokens: int | None = None) -> None:
         cfg = model.cfg
         local = [i for i, spec in enumerate(model.layer_specs()) if spec.window is not None]
         if local:
@@ -85,8 +56,13 @@ class Engine:
         if num_blocks is None:  # four full contexts, unless told
             num_blocks = 4 * math.ceil(cfg.context_length / block_size) \
                 if isinstance(block_size, int) and block_size > 0 else 0
+        if max_batched_tokens is not None and (not isinstance(max_batched_tokens, int)
+                                               or max_batched_tokens < 1):
+            raise ValueError(f"max_batched_tokens must be a positive number of tokens per step "
+                             f"(or None: no budget), got {max_batched_tokens!r}")
         p = next(model.parameters())
         self.model, self.eos_id, self.prefix_caching = model, eos_id, prefix_caching
+        self.max_batched_tokens = max_batched_tokens
         spec, n_layers = model.layer_specs()[0], len(model.attention_layers)  # what is cached
         self.pool = BlockPool(block_size, num_blocks)  # the books: ids, references, prefixes
         self.storage = BlockStorage(n_layers, spec.n_kv_heads, spec.head_dim, block_size,
@@ -101,61 +77,90 @@ class Engine:
         self.decode_seconds = 0.0
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, ids: Tensor | list[int], max_new_tokens: int, arrival_step: int = 0
-                    ) -> int:
-        """Queue a request; returns its id. It joins at ``arrival_step`` or later."""
-        prompt = ids if isinstance(ids, Tensor) else torch.tensor(ids)
-        if prompt.dim() == 2 and prompt.shape[0] == 1:
-            prompt = prompt[0]
-        if prompt.dim() != 1 or prompt.numel() == 0:
-            raise ValueError("a request's prompt must be a 1-D tensor or a list of token ids, "
-                             "with at least one token")
-        check_token_ids(prompt[None], self.model.cfg.vocab_size)
-        ids = prompt.tolist()
+    def add_request(self, ids: Tensor | list[int], max_new_tokens: int, arrival_step: int = 0,
+                    temperature: float = 0.0, top_k: int | None = None,
+                    seed: int | None = None, num_beams: int = 1) -> int:
+        """Queue a request; returns its id. It joins at ``arrival_step`` or later.
+
+        Greedy by default; ``temperature > 0`` samples (from the ``top_k`` most likely tokens if
+        given) with the request's own generator, seeded by ``seed``: the request gets the tokens
+        ``kvlib.generate(model, ids, max_new_tokens, temperature=..., top_k=..., seed=...)``
+        gives, whatever else is in the batch. ``num_beams=k`` runs a beam search of ``k`` rows
+        whose best hypothesis is this request's output (``beams(id)``: all ``k``)."""
+        prompt = self._prompt(ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if arrival_step < 0:
             raise ValueError(f"arrival_step must be >= 0, got {arrival_step}")
-        total = len(ids) + max_new_tokens - 1  # the last token never enters the cache
-        need = self.pool.blocks_for(total)
-        if need > self.pool.num_blocks:
-            raise ValueError(
-                f"this request needs up to {total} tokens = {need} blocks of "
-                f"{self.pool.block_size}, but the pool has {self.pool.num_blocks} blocks in all: "
-                f"it can never run. Make the pool larger (Engine(num_blocks=...)) or ask for "
-                f"fewer tokens")
-        ctx = self.model.cfg.context_length
-        if self.model.hard_context and total > ctx:
-            raise ValueError(f"prompt + max_new_tokens - 1 = {total} positions, but the model "
-                             f"has {ctx}: ask for at most {ctx - len(ids) + 1} new tokens")
-        rid = len(self.requests)
-        self.requests[rid] = Request(rid, list(ids), max_new_tokens, arrival_step)
-        return rid
+        check_sampling(temperature, top_k)
+        self._check_beams(num_beams, temperature)
+        rows = [Request(len(self.requests) + i, prompt, max_new_tokens, arrival_step,
+                        temperature, top_k) for i in range(num_beams)]
+        self._check_fits(rows, shared=len(prompt) // self.pool.block_size)
+        head = rows[0]
+        for r in rows:
+            if num_beams > 1:  # the other rows start with the first, when its prompt is done
+                r.beam_of, r.joins = head.id, None if r is head else head.id
+            elif temperature > 0:
+                r.seed, r.generator = new_generator(seed, self.device)
+            self.requests[r.id] = r
+        return head.id
 
-    def fork(self, request_id: int, max_new_tokens: int | None = None) -> int:
-        """A new request that continues ``request_id`` from where it is now, sharing all of its
-        blocks (parallel sampling). The first write into a shared block copies it."""
+    def fork(self, request_id: int, n: int = 1, seed: int | None = None,
+             max_new_tokens: int | None = None) -> list[int]:
+        """``n`` new requests that continue ``request_id`` from where it is now, sharing all of
+        its blocks (parallel sampling, vLLM's ``n``); returns their ids. Child ``i`` draws with
+        seed ``seed + i`` (none given: seeds drawn from torch's generator) at the parent's
+        temperature and top-k. Forked before it starts, a request and its children run the
+        prompt once and each takes its own first token from it: child ``i`` gets the tokens
+        ``generate(..., seed=seed + i)`` gives. Forked while it runs, the children share its
+        output so far too. The first write into a shared block copies it (copy-on-write)."""
         parent = self._get(request_id)
-        if parent.state != "running":
-            raise ValueError(f"request {request_id} is {parent.state}: only a running request "
-                             "can be forked")
-        n = max_new_tokens or parent.max_new_tokens
-        rid = len(self.requests)
-        child = Request(rid, list(parent.prompt), n, self.clock, list(parent.output),
-                        list(parent.blocks), parent.cached_tokens, "running", self.clock)
-        running = [r for r in self.requests.values() if r.state == "running"]
-        promised = sum(self._future_blocks(r) for r in running)
-        if self._future_blocks(child) + 1 > len(self.pool.free) - promised:  # +1: a copy
-            raise RuntimeError(f"no room to fork request {request_id} now: the pool cannot "
-                               "promise the fork its blocks; fork later or make the pool larger")
-        for b in child.blocks:
-            self.pool.share(b)
-        self.requests[rid] = child
-        return rid
+        self._check_fork(parent, n)
+        head = self.requests[parent.joins] if parent.joins is not None else parent
+        new = max_new_tokens or parent.max_new_tokens
+        if new <= len(parent.output):
+            raise ValueError(f"request {request_id} already has {len(parent.output)} tokens: "
+                             f"a fork needs max_new_tokens above that, got {new}")
+        kids = []
+        for i in range(n):
+            kid = Request(len(self.requests) + i, list(parent.prompt), new, self.clock,
+                          parent.temperature, parent.top_k)
+            if parent.temperature > 0:
+                kid.seed, kid.generator = new_generator(
+                    None if seed is None else seed + i, self.device)
+            kids.append(kid)
+        running, bs = parent.state == "running", self.pool.block_size
+        if running:  # they share the blocks before the one it writes into next, for good
+            self._check_fits([parent, *kids], parent.length // bs)
+        else:  # they will share the prompt's full blocks, with the rows already waiting
+            waiting = [q for q in self.requests.values() if q.joins == head.id]
+            self._check_fits([head, *waiting, *kids], len(head.prompt) // bs)
+        for kid in kids:
+            if running:  # the same tokens and blocks as the parent, from now on its own
+                kid.output, kid.computed, kid.blocks = list(parent.output), parent.computed, \
+                    list(parent.blocks)
+                kid.state, kid.first_step = "running", self.clock
+                for b in kid.blocks:
+                    self.pool.share(b)
+            else:  # waits for the parent's prompt, then shares its blocks
+                kid.joins = head.id
+            self.requests[kid.id] = kid
+        self._check_room(request_id, kids)
+        return [kid.id for kid in kids]
 
     def result(self, request_id: int) -> Tensor:
-        """Prompt and output of a request so far, as a 1-D tensor."""
+        """Prompt and output of a request so far, as a 1-D tensor (a beam search: its best)."""
         return torch.tensor(self._get(request_id).tokens)
+
+    def beams(self, request_id: int) -> list[Tensor]:
+        """Every hypothesis of a beam search, best first (prompt + output, 1-D tensors); their
+        cumulative log-probabilities are the rows' ``score``."""
+        r = self._get(request_id)
+        if r.beam_of != request_id:
+            raise ValueError(f"request {request_id} is not a beam search: add it with "
+                             "add_request(..., num_beams=k)")
+        return [self.result(q.id) for q in self._beam_rows(r)]
 
     def _get(self, request_id: int) -> Request:
         if request_id not in self.requests:
@@ -163,69 +168,20 @@ class Engine:
                            f"0..{len(self.requests) - 1} (add_request returns them)")
         return self.requests[request_id]
 
-    # ---- scheduling -----------------------------------------------------------------------
-    def _future_blocks(self, r: Request) -> int:
-        """Blocks a running request may still take (the most it can need, less what it holds)."""
-        return self.pool.blocks_for(len(r.prompt) + r.max_new_tokens - 1) - len(r.blocks)
+    def _prompt(self, ids: Tensor | list[int]) -> list[int]:
+        prompt = ids if isinstance(ids, Tensor) else torch.tensor(ids)
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError("a request's prompt must be a 1-D tensor or a list of token ids, "
+                             "with at least one token")
+        check_token_ids(prompt[None], self.model.cfg.vocab_size)
+        return prompt.tolist()
 
-    def _prefix_hits(self, r: Request) -> list[int]:
-        """The blocks of the pool that already hold the start of this prompt (full blocks only,
-        and never the whole prompt: its last token must be computed to give the first logits)."""
-        if not self.prefix_caching:
-            return []
-        bs, hits, parent = self.pool.block_size, [], 0
-        for start in range(0, len(r.prompt) - 1 - (len(r.prompt) - 1) % bs, bs):
-            tokens = tuple(r.prompt[start : start + bs])
-            block = self.pool.lookup(parent, tokens)
-            if block is None:
-                break
-            hits.append(block)
-            parent = self.pool.prefix_hash(parent, tokens)
-        return hits
+    def _beam_rows(self, head: Request) -> list[Request]:
+        return [q for q in self.requests.values() if q.beam_of == head.id]
 
-    def _admit(self, r: Request, running: list[Request]) -> bool:
-        """Take ``r`` into the batch if the pool can promise it every block it may need."""
-        hits = self._prefix_hits(r)
-        need = self.pool.blocks_for(len(r.prompt) + r.max_new_tokens - 1) - len(hits)
-        promised = sum(self._future_blocks(q) for q in running)
-        free = len(self.pool.free) - sum(self.pool.refs[b] == 0 for b in hits)
-        if need > free - promised:
-            return False
-        for b in hits:
-            self.pool.share(b)
-        r.blocks, r.cached_tokens = list(hits), len(hits) * self.pool.block_size
-        r.state, r.first_step = "running", self.clock
-        return True
-
-    def _register_prompt(self, r: Request) -> None:
-        """Make the prompt's full blocks findable by later requests."""
-        bs, parent = self.pool.block_size, 0
-        for i in range(len(r.prompt) // bs):
-            tokens = tuple(r.prompt[i * bs : (i + 1) * bs])
-            parent = self.pool.register(r.blocks[i], parent, tokens)
-
-    def _writable(self, r: Request, upto: int) -> None:
-        """Give ``r`` blocks for its tokens below ``upto``: new ones as needed, and its own copy
-        of a shared block it is about to write into."""
-        bs = self.pool.block_size
-        while len(r.blocks) < self.pool.blocks_for(upto):
-            r.blocks.append(self.pool.allocate())
-        first = r.length // bs if r.output else r.cached_tokens // bs
-        for i in range(first, len(r.blocks)):
-            shared = r.blocks[i]
-            if self.pool.refs[shared] > 1:  # copy-on-write: the books, then the tensors
-                r.blocks[i] = self.pool.copy_on_write(shared)
-                self.storage.copy(shared, r.blocks[i])
-
-    def _finish(self, r: Request) -> None:
-        for b in r.blocks:
-            self.pool.release(b)
-        r.blocks, r.state, r.finish_step = [], "finished", self.clock
-
-    def _done(self, r: Request) -> bool:
-        return len(r.output) >= r.max_new_tokens or (
-            self.eos_id is not None and r.output[-1] == self.eos_id)
-
+    # ---- the step -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _paged(self) -> Iterator[None]:
         """The model with the engine's paged caches in, for one step; its own put back."""
@@ -233,59 +189,136 @@ class Engine:
             yield
 
     def _forward(self, rows: list[Request], ids: Tensor, starts: list[int]) -> Tensor:
-        """Greedy next tokens ``(B,)`` for ``ids`` ``(B, T)``, row b continuing at ``starts[b]``."""
+        """Last-position logits ``(B, vocab)`` for ``ids`` ``(B, T)``, row b continuing at
+        ``starts[b]``."""
         self.batch.set([r.blocks for r in rows], starts, ids.shape[1], self.device)
-        logits = self.model(ids, use_cache=True, last_only=True, check_ids=False)
-        return logits[:, -1].argmax(dim=-1)  # (B,)
+        return self.model(ids, use_cache=True, last_only=True, check_ids=False)[:, -1]
 
     def step(self) -> StepRecord:
-        """Advance one step: admit and prefill arrivals, decode one token for the others."""
-        running = [r for r in self.requests.values() if r.state == "running"]
-        decoding = list(running)  # prefilled in an earlier step
-        joined, waiting, finished = [], [], []
-        with self._paged():
-            for r in self.requests.values():  # first come, first served
-                if r.state != "waiting" or r.arrival_step > self.clock:
-                    continue
-                if waiting or not self._admit(r, running):
-                    waiting.append(r.id)  # no overtaking: later arrivals wait behind it
-                    continue
-                with Stopwatch(self.device) as sw:
-                    self._writable(r, len(r.prompt))
-                    ids = torch.tensor([r.prompt[r.cached_tokens :]], device=self.device)
-                    r.output.append(int(self._forward([r], ids, [r.cached_tokens])[0]))
-                self.prefill_seconds += sw.seconds
-                self._register_prompt(r)
-                running.append(r)
-                joined.append(r.id)
-            if decoding:
-                with Stopwatch(self.device) as sw:
-                    for r in decoding:
-                        self._writable(r, r.length + 1)
-                    ids = torch.tensor([[r.output[-1]] for r in decoding],
-                                       device=self.device)  # (B, 1)
-                    nxt = self._forward(decoding, ids, [r.length for r in decoding])
-                    for r, t in zip(decoding, nxt.tolist(), strict=True):
-                        r.output.append(t)
-                self.decode_seconds += sw.seconds
-        for r in running:
+        """Advance one step: prompts are prefilled (arrivals join while the pool can promise
+        them their blocks; under a token budget, in chunks of what the decodes leave), then
+        every row that was already running decodes one token, all of them in one forward."""
+        decoding = [r for r in self.requests.values() if r.state == "running"]
+        with Stopwatch(self.device) as sw, self._paged():
+            chunks, joined, waiting = self._prefill(self._budget(len(decoding)))
+            self._decode(decoding)
+        finished = []
+        for r in decoding + [self.requests[i] for i in joined]:
             if self._done(r):
                 self._finish(r)
                 finished.append(r.id)
+        held = [r for r in self.requests.values() if r.state in ("prefilling", "running")]
         record = StepRecord(
-            self.clock, {r.id: list(r.blocks) for r in running if r.state == "running"},
-            list(self.pool.refs), joined, finished, waiting,
-            {r.id: r.length for r in running if r.state == "running"}, self.stats)
+            self.clock, {r.id: list(r.blocks) for r in held}, list(self.pool.refs), joined,
+            finished, waiting, {r.id: r.length for r in held}, self.stats,
+            [r.id for r in decoding], chunks, sw.seconds)
         self.history.append(record)
         self.clock += 1
         return record
+
+    def _budget(self, decodes: int) -> float:
+        """Prompt tokens this step may run: what the budget leaves after one token per decode."""
+        if self.max_batched_tokens is None:
+            return math.inf
+        left = self.max_batched_tokens - decodes
+        if left < 0:  # the engine never starts more rows than the budget holds
+            raise RuntimeError(f"{decodes} rows decode a token each but max_batched_tokens="
+                               f"{self.max_batched_tokens}: {BUDGET_FIX}")
+        return left
+
+    def _prefill(self, budget: float) -> tuple[dict[int, int], list[int], list[int]]:
+        """Run prompts within ``budget`` tokens: first the prompts already started, then the
+        arrivals, first come first served (one that cannot start holds back those behind it).
+        Each chunk runs in a forward of its own, right away, so that a request arriving in the
+        same step finds its full blocks. Returns the chunks ``{request id: tokens}``, the rows
+        that joined (their prompt done) and the arrivals left waiting."""
+        chunks, joined, waiting = {}, [], []
+        started = [r for r in self.requests.values() if r.state == "prefilling"]
+        arrived = [r for r in self.requests.values() if r.state == "waiting"
+                   and r.joins is None and r.arrival_step <= self.clock]
+        with Stopwatch(self.device) as sw:
+            for r in started + arrived:
+                if r.state == "waiting" and (waiting or budget < 1 or not self._admit(r)):
+                    waiting.append(r.id)  # no overtaking: later arrivals wait behind it
+                    continue
+                take = int(min(len(r.prompt) - r.computed, budget))
+                if take < 1:
+                    continue
+                budget -= take
+                chunks[r.id] = take
+                joined += self._run_chunk(r, take)
+        self.prefill_seconds += sw.seconds
+        return chunks, joined, waiting
+
+    def _run_chunk(self, r: Request, take: int) -> list[int]:
+        """The next ``take`` prompt tokens of ``r`` in one forward ``(1, take)``; if that was
+        the last of its prompt, it joins (``_join``). Returns the rows that joined."""
+        start = r.computed
+        self._writable(r, start + take)
+        ids = torch.tensor([r.prompt[start : start + take]], device=self.device)
+        logits = self._forward([r], ids, [start])  # (1, vocab)
+        r.computed += take
+        self._register_prompt(r)  # its full blocks, for requests arriving after
+        return self._join(r, logits) if r.computed == len(r.prompt) else []
+
+    def _decode(self, rows: list[Request]) -> None:
+        """One token for each row, in one forward ``(B, 1)``; a beam search's rows then choose
+        their next beams together."""
+        if not rows:
+            return
+        with Stopwatch(self.device) as sw:
+            for r in rows:
+                self._writable(r, r.length + 1)
+            ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)  # (B, 1)
+            logits = self._forward(rows, ids, [r.length for r in rows])  # (B, vocab)
+            searches: dict[int, list[int]] = {}  # a beam search's id -> its rows in the batch
+            for b, r in enumerate(rows):
+                if r.beam_of is None:
+                    r.output.append(r.next_token(logits[b : b + 1]))
+                else:
+                    searches.setdefault(r.beam_of, []).append(b)
+            for at in searches.values():
+                beam = [rows[b] for b in at]
+                scores = torch.tensor([r.score for r in beam], device=self.device)
+                continue_beams(self.pool, beam, *select_beams(logits[at], scores, len(beam)))
+        self.decode_seconds += sw.seconds
+
+    def _join(self, head: Request, logits: Tensor) -> list[int]:
+        """``head``'s prompt is in the pool: start it and every row waiting for it, each with
+        its first token from the prompt's ``logits`` ``(1, vocab)`` and all of ``head``'s
+        blocks, shared (a beam search: its first ``k`` beams)."""
+        family = [head] + [q for q in self.requests.values() if q.joins == head.id]
+        for q in family:
+            q.state, q.joins, q.computed = "running", None, head.computed
+            q.first_step = self.clock if q.first_step is None else q.first_step
+        if head.beam_of is not None:  # the first step expands the prompt's beam alone
+            zero = torch.zeros(1, device=self.device)
+            continue_beams(self.pool, family, *select_beams(logits, zero, len(family)))
+            return [q.id for q in family]
+        for q in family[1:]:
+            q.blocks = list(head.blocks)
+            for b in q.blocks:
+                self.pool.share(b)
+        for q in family:
+            q.output.append(q.next_token(logits))
+        return [q.id for q in family]
+
+    def _done(self, r: Request) -> bool:
+        return len(r.output) >= r.max_new_tokens or (
+            self.eos_id is not None and r.output[-1] == self.eos_id)
+
+    def _finish(self, r: Request) -> None:
+        for b in r.blocks:
+            self.pool.release(b)
+        r.blocks, r.state, r.finish_step = [], "finished", self.clock
 
     @property
     def pending(self) -> bool:
         return any(r.state != "finished" for r in self.requests.values())
 
     def run(self, progress: bool = False) -> dict[int, Tensor]:
-        """Step until every request has finished; ``{request id: prompt + output}``."""
+        """Step until every request has finished; ``{request id: prompt + output}`` (a beam
+        search once, by the id ``add_request`` gave: its best hypothesis)."""
         from tqdm.auto import tqdm
 
         def made() -> int:
@@ -298,40 +331,5 @@ class Engine:
                 self.step()
                 if progress:
                     bar.update(made() - bar.n)
-        return {rid: self.result(rid) for rid in self.requests}
-
-    # ---- accounting -----------------------------------------------------------------------
-    def slots_by_step(self) -> dict[str, list[int]]:
-        """Token slots at every step so far: ``paged`` (the blocks in use, whole), ``used``
-        (their filled slots, a shared block once), ``tokens`` (every running request's tokens,
-        shared ones counted for each) and ``running`` (requests in the batch)."""
-        bs, h = self.pool.block_size, self.history
-        per_token = self.storage.block_nbytes // bs
-        return {"paged": [r.stats["blocks_used"] * bs for r in h],
-                "used": [r.stats["bytes_used"] // per_token for r in h],
-                "tokens": [sum(r.filled.values()) for r in h],
-                "running": [len(r.tables) for r in h]}
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Blocks and bytes now: ``blocks_used`` (held by a request), ``blocks_shared`` (held
-        by more than one), ``blocks_cached`` (free, but still findable by prefix),
-        ``bytes_reserved`` (the used blocks) and ``bytes_used`` (their filled slots)."""
-        pool, bs = self.pool, self.pool.block_size
-        used = [b for b in range(pool.num_blocks) if pool.refs[b] > 0]
-        filled: dict[int, int] = {}
-        for r in self.requests.values():
-            if r.state != "running":
-                continue
-            for i, b in enumerate(r.blocks):
-                filled[b] = max(filled.get(b, 0), min(bs, r.length - i * bs))
-        per_token = self.storage.block_nbytes // bs
-        return {
-            "blocks_total": pool.num_blocks,
-            "blocks_used": len(used),
-            "blocks_shared": sum(pool.refs[b] > 1 for b in used),
-            "blocks_cached": sum(b in pool.prefix_of for b in pool.free),
-            "bytes_reserved": len(used) * self.storage.block_nbytes,
-            "bytes_used": sum(filled.values()) * per_token,
-            "prefix_hit_tokens": sum(r.cached_tokens for r in self.requests.values()),
-        }
+        return {rid: self.result(rid) for rid, r in self.requests.items()
+                if r.beam_of in (None, rid)}

@@ -1,0 +1,89 @@
+"""Chunked prefill: a token budget per step, decodes first, prompts in chunks of what is left.
+Every request still gets exactly the greedy tokens it gets alone."""
+
+import pytest
+import torch
+
+import kvlib
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["mini-llama", "mini-gpt2"])
+def trained(request):
+    return kvlib.load_model(request.param), kvlib.held_out(request.param)[0]
+
+
+def _alone(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    return kvlib.generate(model, prompt[None], n, cache="concat").tokens[0]
+
+
+def _workload(text: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+    """(prompt, max_new_tokens, arrival step): short prompts decoding while long ones arrive."""
+    system = text[:24]
+    return [(text[100:106], 12, 0), (text[300:309], 10, 0),
+            (torch.cat([system, text[500:600]]), 6, 2),  # long, shared start
+            (text[700:703], 8, 3), (text[900:990], 5, 4),  # long
+            (torch.cat([system, text[1100:1105]]), 7, 6)]
+
+
+@pytest.mark.parametrize("budget", [1, 3, 16, 64, None])
+def test_every_request_gets_its_own_tokens_under_a_budget(trained, budget):
+    model, text = trained
+    work = _workload(text)
+    engine = kvlib.Engine(model, block_size=8, num_blocks=80, max_batched_tokens=budget)
+    ids = [engine.add_request(p, n, arrival_step=a) for p, n, a in work]
+    out = engine.run()
+    for rid, (p, n, _) in zip(ids, work, strict=True):
+        assert torch.equal(out[rid], _alone(model, p, n)), rid
+    h = engine.history
+    if budget is not None:
+        assert max(r.tokens for r in h) <= budget
+    for rid, (p, n, _) in zip(ids, work, strict=True):  # a token in each step it joined or decoded
+        assert sum(rid in r.joined for r in h) == 1 and sum(rid in r.decoded for r in h) == n - 1
+        computed = sum(r.prefilled.get(rid, 0) for r in h)
+        assert computed == p.shape[0] - engine.requests[rid].cached_tokens
+    if budget == 3:  # two decodes and one prompt token: the long prompt still progresses
+        assert any(len(r.decoded) == 2 and sum(r.prefilled.values()) == 1 for r in h)
+    if budget == 16:  # the long prompts ran in chunks, beside decodes
+        split = [rid for rid in ids if sum(rid in r.prefilled for r in h) > 1]
+        assert ids[2] in split and ids[4] in split
+        assert any(r.decoded and r.prefilled for r in h)
+
+
+def test_a_prompt_in_chunks_shares_its_full_blocks(trained):
+    """The second request with the same 48-token start waits for the budget, then finds all six
+    blocks the first one computed in chunks."""
+    model, text = trained
+    system = text[:48]
+    a_prompt, b_prompt = torch.cat([system, text[200:205]]), torch.cat([system, text[400:403]])
+    engine = kvlib.Engine(model, block_size=8, num_blocks=40, max_batched_tokens=8)
+    a = engine.add_request(a_prompt, 4)
+    b = engine.add_request(b_prompt, 4, arrival_step=2)
+    out = engine.run()
+    assert [r.prefilled.get(a, 0) for r in engine.history[:7]] == [8] * 6 + [5]
+    assert engine.requests[b].cached_tokens == 48
+    assert torch.equal(out[a], _alone(model, a_prompt, 4))
+    assert torch.equal(out[b], _alone(model, b_prompt, 4))
+
+
+def test_a_budget_that_no_prompt_could_use_is_refused(tiny):
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_batched_tokens must be a positive"):
+            kvlib.Engine(tiny, block_size=4, max_batched_tokens=bad)
+    engine = kvlib.Engine(tiny, block_size=4, num_blocks=32, max_batched_tokens=3)
+    a = engine.add_request(torch.arange(5), 6)
+    with pytest.raises(ValueError, match="4 rows would decode 4 tokens every step.*at most 3"):
+        engine.fork(a, n=3)
+    b = engine.add_request(torch.arange(5, 9), 6)
+    while engine.requests[b].state != "running":  # 3 tokens a step: both prompts in chunks
+        engine.step()
+    with pytest.raises(RuntimeError, match="no room to fork.*max_batched_tokens=3"):
+        engine.fork(a, n=2)  # 2 rows decode: 2 more would leave no token for any prompt
+    [kid] = engine.fork(a)  # 3 rows: they fill the budget; a later prompt waits for one to end
+    c = engine.add_request(torch.arange(9, 12), 2, arrival_step=engine.clock)
+    rec = engine.step()
+    assert rec.waiting == [c] and len(rec.decoded) == 3
+    out = engine.run()
+    assert torch.equal(out[c], kvlib.generate(tiny, torch.arange(9, 12)[None], 2).tokens[0])
+    assert torch.equal(out[kid], out[a])  # greedy: the fork writes the same tokens
