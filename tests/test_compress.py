@@ -11,9 +11,11 @@ from kvlib.caches.compressed import (
     EvictCache,
     QuantizedCache,
     dequantize,
+    pack,
     pack_int4,
     quantize,
     quantized_nbytes,
+    unpack,
     unpack_int4,
 )
 
@@ -42,7 +44,7 @@ def _ids(model, T: int, seed: int = 0) -> torch.Tensor:
 
 # ---- quantize / dequantize ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dim,group", [(2, 16), (3, 8), (3, 32)])
 def test_dequantized_within_half_a_step(bits, dim, group):
     g = torch.Generator().manual_seed(bits + dim)
@@ -71,9 +73,19 @@ def test_int4_packing_round_trips():
     assert torch.equal(unpack_int4(packed), codes)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_packing_round_trips_and_puts_code_j_in_its_bits(bits):
+    codes = torch.randint(0, 2**bits, (2, 3, 5, 8), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (2, 3, 5, 8 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits), codes)
+    one = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
+    assert pack(one, 2).item() == 1 | 2 << 2 | 3 << 4  # code j at bits 2j
+
+
 # ---- the quantized cache ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_residual_covering_the_text_gives_the_full_precision_tokens(mini, tiny_llama, tiny_gpt2,
                                                                      bits):
     for model in (mini, tiny_llama, tiny_gpt2):
@@ -104,7 +116,8 @@ def test_quantized_cache_stores_blocks_and_returns_every_token(tiny_llama):
 
 
 @pytest.mark.parametrize("bits,group,residual,T", [(8, 32, 0, 256), (4, 32, 0, 256),
-                                                   (4, 16, 32, 100), (8, 8, 5, 37)])
+                                                   (4, 16, 32, 100), (8, 8, 5, 37),
+                                                   (2, 32, 0, 256), (2, 16, 32, 100)])
 def test_nbytes_matches_the_formula(mini, bits, group, residual, T):
     ids = kvlib.held_out("mini-llama")[:, :T]
     mini.set_kv_cache("quantized", bits=bits, group_size=group, residual=residual)
@@ -245,8 +258,8 @@ def test_check_cache_passes_both_caches_with_room():
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options,message", [
-    ({"bits": 2}, "bits must be 8 or 4"),
-    ({"bits": 3}, "bits must be 8 or 4"),
+    ({"bits": 1}, "bits must be 8, 4 or 2"),
+    ({"bits": 3}, "bits must be 8, 4 or 2"),
     ({"bits": 8, "group_size": 12}, r"group_size must divide head_dim \(32\).*try one of"),
     ({"bits": 4, "group_size": 0}, "group_size must divide head_dim"),
 ])

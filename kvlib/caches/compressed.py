@@ -19,7 +19,7 @@ quantized once a block of ``group_size`` tokens is there, and the newest tokens 
 the last ``residual`` tokens (and the fewer than ``group_size`` before them that do not fill a
 block yet) stay in full precision. Scales and zero points are stored in float16, as KIVI and
 quanto do: in float32 they would cost as much as a quarter of the int8 codes at ``group_size``
-32. int4 codes are packed two per byte.
+32. int4 codes are packed two per byte, 2-bit codes (KIVI's setting) four.
 
 Eviction (H2O, Zhang et al. 2023). Keep at most ``budget`` tokens: the first ``n_sink`` (attention
 sinks), the last ``window``, and, between them, the "heavy hitters": the tokens that have received
@@ -38,7 +38,7 @@ from .base import KVCache, LayerSpec, Traits
 from .plain import ConcatCache
 from .streaming import N_SINK
 
-BITS = (8, 4)  # int8: one code per byte; int4: two codes per byte
+BITS = (8, 4, 2)  # codes per byte: one (int8), two (int4), four (2-bit, KIVI's setting)
 SCALE_DTYPE = torch.float16  # scales and zero points (2 bytes each)
 GROUP_SIZE = 32  # KIVI's default group size (at most head_dim)
 
@@ -82,12 +82,29 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, dim:
 
 def pack_int4(codes: Tensor) -> Tensor:
     """Two 4-bit codes per byte along the last dim: ``(..., N)`` -> ``(..., N/2)`` (N even)."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return pack(codes, 4)
 
 
 def unpack_int4(packed: Tensor) -> Tensor:
     """The inverse of ``pack_int4``: ``(..., N/2)`` -> ``(..., N)``."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+    return unpack(packed, 4)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """``8 / bits`` codes of ``bits`` bits per byte along the last dim: ``(..., N)`` ->
+    ``(..., N * bits / 8)``; code ``j`` of a byte sits in its bits ``j * bits ..``."""
+    per = 8 // bits
+    out = codes[..., 0::per].clone()
+    for j in range(1, per):
+        out |= codes[..., j::per] << (j * bits)
+    return out
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """The inverse of ``pack``."""
+    mask = 2**bits - 1
+    return torch.stack([(packed >> (j * bits)) & mask for j in range(8 // bits)],
+                       dim=-1).flatten(-2)
 
 
 def quantized_nbytes(tokens: int, kv_heads: int, head_dim: int, bits: int, group_size: int,
@@ -105,8 +122,8 @@ def quantized_nbytes(tokens: int, kv_heads: int, head_dim: int, bits: int, group
 
 def check_bits(bits: int) -> None:
     if bits not in BITS:
-        raise ValueError(f"bits must be 8 or 4 (int8: one value per byte; int4: two per byte), "
-                         f"got {bits!r}")
+        raise ValueError(f"bits must be 8, 4 or 2 (one, two or four values per byte), got "
+                         f"{bits!r}")
 
 
 def check_group_size(group_size: int, head_dim: int, bits: int) -> None:
@@ -115,8 +132,9 @@ def check_group_size(group_size: int, head_dim: int, bits: int) -> None:
         raise ValueError(
             f"group_size must divide head_dim ({head_dim}): each token's values are quantized in "
             f"groups of group_size channels; got {group_size!r}, try one of {fits or [head_dim]}")
-    if bits == 4 and head_dim % 2:
-        raise ValueError(f"int4 packs two channels per byte: head_dim ({head_dim}) must be even")
+    if head_dim % (8 // bits):
+        raise ValueError(f"{bits}-bit codes pack {8 // bits} channels per byte: head_dim "
+                         f"({head_dim}) must be a multiple of {8 // bits}")
 
 
 # ---- the caches ----------------------------------------------------------------------------------
@@ -171,7 +189,7 @@ class QuantizedCache(KVCache):
         for name in ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale",
                      "value_zero", "tail_keys", "tail_values"):
             self.register_buffer(name, None, persistent=False)
-        # key_codes, value_codes: (B, H, Tq, D) uint8, (B, H, Tq, D/2) for int4
+        # key_codes, value_codes: (B, H, Tq, D * bits / 8) uint8 (packed below 8 bits)
         # key_scale, key_zero: (B, H, Tq/G, D); value_scale, value_zero: (B, H, Tq, D/G)
         # tail_keys, tail_values: (B, H, T_tail, D) in the model's dtype
 
@@ -231,8 +249,8 @@ class QuantizedCache(KVCache):
         G = self.group_size
         kc, ks, kz = quantize(keys, self.bits, G, dim=2)  # scales (B, H, n, D): per channel
         vc, vs, vz = quantize(values, self.bits, G, dim=3)  # scales (B, H, n * G, D/G)
-        if self.bits == 4:
-            kc, vc = pack_int4(kc), pack_int4(vc)
+        if self.bits < 8:
+            kc, vc = pack(kc, self.bits), pack(vc, self.bits)
         new = {"key_codes": kc, "key_scale": ks, "key_zero": kz,
                "value_codes": vc, "value_scale": vs, "value_zero": vz}
         for name, t in new.items():
@@ -240,7 +258,7 @@ class QuantizedCache(KVCache):
             setattr(self, name, t if held is None else torch.cat([held, t], dim=2))
 
     def _codes(self, codes: Tensor) -> Tensor:
-        return unpack_int4(codes) if self.bits == 4 else codes
+        return unpack(codes, self.bits) if self.bits < 8 else codes
 
     def dequantized_keys(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The quantized keys ``(B, H, Tq, D)`` as numbers again."""
