@@ -19,6 +19,10 @@ References, checked in every markdown cell of the chapters and every page ``book
 - A title given with its number, ``chapter N, *Title*`` or ``chapter N (*Title*)``, fits that
   chapter's title: its words, less articles, are words of the title. The introduction's plan
   lists every chapter in order, under its number and a title that fits.
+
+Code: no line of a chapter's code cells is longer than ``LINE_LENGTH`` characters, except the
+Colab setup cell's ``%pip install`` line, which must stay one copyable line. ruff checks the same
+(``notebooks/ruff.toml``); this test names the chapters that do not fit yet.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+LINE_LENGTH = 88
 
 # Chapters planned but not written yet: the prose may name them, saying they are coming.
 UPCOMING = {11: "Cache surgery", 12: "The caches of today's architectures"}
@@ -39,6 +44,7 @@ UPCOMING = {11: "Cache surgery", 12: "The caches of today's architectures"}
 REWRITTEN_NEXT = "rewritten next on new models; fixed then, and this mark removed"
 WRONG_REFS = {"05_sliding_window": f"section 5 sends the reader to exercise 1 for the receptive "
                                    f"field, which is exercise 2 ({REWRITTEN_NEXT})"}
+LONG_LINES = {"05_sliding_window", "08_streaming", "10_compressing"}
 
 _NUMS = r"\d+(?:(?:\s*,\s*|\s+and\s+|\s+or\s+|\s+to\s+|\s*[-–]\s*)\d+)*"
 _REF = re.compile(
@@ -281,3 +287,30 @@ def test_passes_a_pointer_that_exists(fake, text):
 def test_a_page_must_name_the_chapter_of_a_section(fake):
     assert problems("as section 2 shows", None, fake)
     assert problems("as chapter 1, section 2 shows", None, fake) == []
+
+
+# Code that fits the book's column.
+
+def long_lines(path: Path) -> list[str]:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return [f"cell {i}, line {k}: {len(line)} characters: {line.strip()[:60]}..."
+            for i, cell in enumerate(cells) if cell["cell_type"] == "code"
+            for k, line in enumerate(_source(cell).split("\n"), 1)
+            if len(line) > LINE_LENGTH and not line.lstrip().startswith("%pip install ")]
+
+
+@pytest.mark.parametrize("n", [_chapter_param(n, c, LONG_LINES, REWRITTEN_NEXT)
+                               for n, c in BOOK.items()])
+def test_code_fits_the_books_column(n):
+    found = long_lines(BOOK[n].path)
+    assert not found, (f"{BOOK[n].path.name}: {len(found)} line(s) over {LINE_LENGTH} "
+                       "characters:\n" + "\n".join(found))
+
+
+def test_long_lines_finds_a_wide_line_but_not_the_colab_install(tmp_path):
+    pip = '    %pip install -q "kvlib @ git+https://example.org/' + "x" * 80 + '.git"'
+    cells = [{"cell_type": "code", "source": f"import sys\n{pip}\nx = 1  # {'y' * 80}"},
+             {"cell_type": "markdown", "source": "z" * 200}]
+    path = tmp_path / "wide.ipynb"
+    path.write_text(json.dumps({"cells": cells}), encoding="utf-8")
+    assert [line.split(":")[0] for line in long_lines(path)] == ["cell 0, line 3"]
