@@ -17,7 +17,7 @@ from .caches import (
     SlidingWindowCache,
     attention_mask,
 )
-from .check import CacheCheckError, check_cache
+from .check import CacheCheckError, check_absorbed, check_cache
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import (
@@ -73,5 +73,5 @@ __all__ = [
     "generate_stream",
     "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
     "Recall", "recall", "sample", "show_source", "tokenizer_for", "Speculation", "beam_search",
-    "speculative_stream",
+    "speculative_stream", "check_absorbed",
 ]

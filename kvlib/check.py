@@ -310,3 +310,36 @@ def _greedy_on(model: CausalLM, caches: list[KVCache], first: Tensor,
             tokens.append(int(logits.argmax(-1)))
             logits = model(torch.tensor([[tokens[-1]]]), use_cache=True)[:, -1]
     return tokens, torch.stack(seen)
+
+
+def check_absorbed(fn: Callable[[Tensor, Tensor], Tensor], verbose: bool = True) -> str:
+    """Grade a reader's absorbed query: ``fn(q_nope, w_uk)`` with ``q_nope`` ``(B, H, T, Dn)``
+    (each head's query channels without position) and ``w_uk`` ``(H, Dn, R)`` (``kv_b_proj``'s key
+    half: head ``h``'s key is ``w_uk[h] @ c_kv``) must return ``(B, H, T, R)`` queries that
+    score the latent ``c_kv`` ``(B, S, R)`` itself: ``fn(q, w) @ c_kv^T`` equal to
+    ``q @ k_nope^T`` with the keys decompressed. Raises ``CacheCheckError`` with a hint."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, S, Dn, R = 2, 3, 4, 7, 8, 12
+    q = torch.randn(B, H, T, Dn, generator=g, dtype=torch.float64)
+    w = torch.randn(H, Dn, R, generator=g, dtype=torch.float64)
+    c_kv = torch.randn(B, S, R, generator=g, dtype=torch.float64)
+    k_nope = torch.einsum("hdr,bsr->bhsd", w, c_kv)  # (B, H, S, Dn): "naive", decompressed
+    want = q @ k_nope.transpose(-1, -2)  # (B, H, T, S)
+    got_q = fn(q, w)
+    if not isinstance(got_q, Tensor) or tuple(got_q.shape) != (B, H, T, R):
+        shape = tuple(got_q.shape) if isinstance(got_q, Tensor) else type(got_q).__name__
+        _fail(f"absorbed queries must be (B, H, T, R) = {(B, H, T, R)}, one latent-sized query "
+              f"per head and token; got {shape}. Contract q_nope's last dim (Dn) with w_uk's "
+              "middle one, head by head: torch.einsum('bhtd,hdr->bhtr', q_nope, w_uk)")
+    got = got_q @ c_kv[:, None].transpose(-1, -2)  # (B, H, T, S): scored against the latent
+    if not torch.allclose(got, want, atol=1e-9):
+        swapped = torch.einsum("bhtd,hdr->bhtr", q, w.flip(0)) @ c_kv[:, None].transpose(-1, -2)
+        hint = ("each head must use its own w_uk[h]" if torch.allclose(got, swapped) else
+                "head h's score is q_nope[h] . (w_uk[h] @ c_kv) = (q_nope[h] @ w_uk[h]) . c_kv")
+        _fail(f"the absorbed scores differ from the decompressed ones by up to "
+              f"{float((got - want).abs().max()):.3g}: {hint}")
+    detail = (f"q_nope W_UK scores the cached latent exactly as the decompressed keys do "
+              f"({B}x{H} heads, {S} latents of {R} numbers instead of {H} keys of {Dn})")
+    if verbose:
+        print(f"ok  absorbed query: {detail}")
+    return detail

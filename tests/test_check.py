@@ -90,3 +90,17 @@ def test_each_fault_is_named(cls, window, fault):
 
 def test_exported():
     assert kvlib.check_cache is check_cache
+
+
+def test_check_absorbed_grades_a_readers_absorbed_query():
+    good = kvlib.check_absorbed(lambda q, w: torch.einsum("bhtd,hdr->bhtr", q, w),
+                                verbose=False)
+    assert "exactly" in good
+    with pytest.raises(kvlib.CacheCheckError, match=r"must be \(B, H, T, R\)"):
+        kvlib.check_absorbed(lambda q, w: q, verbose=False)
+    with pytest.raises(kvlib.CacheCheckError, match="its own w_uk"):
+        kvlib.check_absorbed(lambda q, w: torch.einsum("bhtd,hdr->bhtr", q, w.flip(0)),
+                             verbose=False)
+    with pytest.raises(kvlib.CacheCheckError, match="differ from the decompressed"):
+        kvlib.check_absorbed(lambda q, w: torch.einsum("bhtd,hdr->bhtr", q, w) * 2,
+                             verbose=False)

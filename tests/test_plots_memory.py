@@ -19,3 +19,16 @@ def test_memory_plots():
         plot_memory("gpt5")
     with pytest.raises(ValueError, match="unknown dtype"):
         plot_memory("gpt2", dtype="float8")
+
+
+def test_plot_layouts_draws_one_line_per_layout():
+    from kvlib.memory import ARCHITECTURES, with_layout
+    from kvlib.plots import plot_layouts
+
+    g = ARCHITECTURES["gemma-3-27b"]
+    fig = plot_layouts({"global only": with_layout(g, None), "5:1, window 1024": g})
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["global only", "5:1, window 1024"]
+    full, mixed = (line.get_ydata() for line in lines)
+    assert (mixed <= full).all() and mixed[-1] < full[-1] / 4  # the window bends the line

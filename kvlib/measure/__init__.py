@@ -20,6 +20,7 @@ reader's model hands it back as it found it (``kvlib.state.preserved_state``).
 | ``latency.py`` | ``measure_latency``, ``LatencyRun``: every generation step timed |
 | ``rope.py`` | ``rope_rotation``, ``RopeRotation``: one key rotated by a model's RoPE |
 | ``compress.py`` | ``CONFIGS``, ``measure_frontier``, ``compression_tradeoff``, ``bytes_after`` |
+| ``latent.py`` | ``attention_modes``: latent attention decoded naive and absorbed, timed in turn |
 """
 
 from .compress import (
@@ -36,6 +37,7 @@ from .compress import (
 from .frames import CacheFrame, cache_frames, cache_frames_for
 from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
 from .latency import LatencyRun, measure_latency
+from .latent import attention_modes
 from .rope import RopeRotation, rope_config, rope_rotation
 from .stats import NAN, median, median_ms, percentiles, summary
 from .steps import DecodeTimes, step_ms, time_decode
@@ -46,5 +48,5 @@ __all__ = [
     "cache_frames_for", "cached_keys_values", "compression_tradeoff", "grouping_errors",
     "measure_frontier", "measure_latency", "median", "median_ms", "percentiles", "prompt_ids",
     "rope_config", "rope_rotation", "spec_label", "split_spec", "step_ms", "summary",
-    "time_decode",
+    "time_decode", "attention_modes",
 ]

@@ -16,7 +16,7 @@ exactly once: as the value of the cell's last line.
 |---|---|
 | ``cache_state.py`` | ``plot_cache_state``, ``cache_state_pngs``: one layer's cache, step by step |
 | ``latency.py`` | ``plot_latency``: milliseconds per step (``LatencyRun``s) |
-| ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``: cache bytes beside the weights |
+| ``memory.py`` | ``plot_memory``, ``plot_cache_sizes``, ``plot_layouts``: bytes, per layout |
 | ``rope.py`` | ``plot_rope_rotation``: one key rotated by RoPE, pair by pair (a ``RopeRotation``) |
 | ``training.py`` | ``plot_training``: the trained models' loss curves, from their metrics |
 | ``streaming.py`` | ``plot_stream_loss``, ``plot_stream_state``, ``plot_first_token_attention`` |
@@ -30,7 +30,7 @@ from .cache_state import CACHE_FIGSIZE, cache_state_pngs, plot_cache_state, toke
 from .compress import FAMILY_STYLE, plot_channel_magnitudes, plot_compression, plot_frontier
 from .figure import PlotFigure, figure_png
 from .latency import plot_latency
-from .memory import plot_cache_sizes, plot_memory
+from .memory import plot_cache_sizes, plot_layouts, plot_memory
 from .rope import plot_rope_rotation
 from .serving import (
     engine_step_pngs,
@@ -52,7 +52,7 @@ __all__ = [
     "CACHE_FIGSIZE", "COLORS", "FAMILY_STYLE", "NO_CACHE", "PlotFigure", "cache_state_pngs",
     "engine_step_pngs", "figure_png", "padded_batch_slots", "plot_cache_sizes",
     "plot_cache_state", "plot_channel_magnitudes", "plot_compression", "plot_engine_step",
-    "plot_first_token_attention", "plot_frontier", "plot_latency", "plot_memory",
+    "plot_first_token_attention", "plot_frontier", "plot_layouts", "plot_latency", "plot_memory",
     "plot_padded_batch", "plot_rope_rotation", "plot_serving_memory", "plot_stream_loss",
     "plot_stream_state", "plot_training", "serving_memory", "stream_state_pngs",
     "strategy_color", "strategy_label", "token_text",

@@ -98,3 +98,23 @@ def plot_cache_sizes(models: Sequence[str | ModelSpec] | None = None,
     ax.legend(fontsize=8)
     ax.set_title("KV cache at each context length, beside the weights", fontsize=10, loc="left")
     return fig
+
+
+def plot_layouts(layouts: dict[str, ModelSpec], batch: int = 1, dtype: str = "bfloat16",
+                 top: int = 131072, fig: Figure | None = None) -> Figure:
+    """One cache against the context length (log-log) for each layout of a model (every layer
+    global, local layers with a window, a latent...): where a window makes the line bend."""
+    fig = fig or PlotFigure(figsize=(8, 3.4))
+    ax = fig.subplots(gridspec_kw=dict(left=0.1, right=0.98, bottom=0.15, top=0.88))
+    lengths = [2**k for k in range(7, 30) if 2**k <= top]
+    for label, spec in layouts.items():
+        ax.plot(lengths, [spec.cache_bytes(n, batch, dtype) / GIB for n in lengths],
+                marker=".", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens in context")
+    ax.set_ylabel(f"KV cache, GiB ({dtype})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("The cache against the context, layout by layout", fontsize=10, loc="left")
+    return fig
