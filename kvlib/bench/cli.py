@@ -20,6 +20,7 @@ from .plan import PLANS, Suite
 from .report import compile_text, lockstep_text, report, summary_table
 from .run import Bench
 from .serving import serving, serving_lines
+from .speculative import speculative, speculative_lines
 from .streaming import streaming, streaming_lines
 from .surgery import chunked_prefill, sharing, surgery_lines
 
@@ -135,6 +136,20 @@ def add_serving_parsers(sub) -> None:
     su.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
     su.add_argument("--out", default="surgery.json")
     su.add_argument("--no-progress", action="store_true")
+    sp = sub.add_parser("speculative", help="speculative decoding (prompt lookup, a draft "
+                        "model) against plain decoding and transformers' assisted generation")
+    sp.add_argument("--model", default="mini-llama", help="a trained model")
+    sp.add_argument("--draft", default="mini-llama-draft", help="a trained draft ('' for none)")
+    sp.add_argument("--prompts", type=int, default=8)
+    sp.add_argument("--prompt-len", type=int, default=128)
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--draft-tokens", type=int, default=4)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--warmup", type=int, default=1)
+    sp.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    sp.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    sp.add_argument("--out", default="speculative.json")
+    sp.add_argument("--no-progress", action="store_true")
     cp = sub.add_parser("compress", help="quantized and evicting caches: perplexity, greedy "
                         "agreement, bytes held and decode step (a minute or two)")
     cp.add_argument("--model", default="mini-llama")
@@ -237,6 +252,15 @@ def cmd_surgery(args: argparse.Namespace, argv: list[str]) -> None:
     print("\n".join(surgery_lines(d)))
 
 
+def cmd_speculative(args: argparse.Namespace, argv: list[str]) -> None:
+    d = speculative(args.model, args.draft or None, args.prompts, args.prompt_len,
+                    args.new_tokens, args.draft_tokens, args.repeats, args.warmup,
+                    not args.no_hf, progress=not args.no_progress)
+    d["command"] = _command(argv)
+    _write(args.out, d)
+    print("\n".join(speculative_lines(d)))
+
+
 def cmd_compress(args: argparse.Namespace, argv: list[str]) -> None:
     d = compress(args.model, args.windows, repeats=args.repeats, gpt2=not args.no_gpt2,
                  hf=not args.no_hf, progress=not args.no_progress)
@@ -275,7 +299,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
             "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving,
-            "compress": cmd_compress, "surgery": cmd_surgery}
+            "compress": cmd_compress, "surgery": cmd_surgery, "speculative": cmd_speculative}
 
 
 def main(argv: list[str] | None = None) -> None:

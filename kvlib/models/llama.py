@@ -142,6 +142,11 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
     "mini-llama": LlamaConfig(vocab_size=8192, context_length=512, emb_dim=192, n_heads=6,
                               n_kv_heads=2, n_layers=6, ffn_dim=512, head_dim=32,
                               rope_theta=10000.0, tie_embeddings=True),
+    # A draft for speculative decoding (chapter 12): mini-llama's vocabulary and data, 2 layers
+    # of width 128, so a step costs a fraction of mini-llama's.
+    "mini-llama-draft": LlamaConfig(vocab_size=8192, context_length=512, emb_dim=128,
+                                    n_heads=4, n_kv_heads=2, n_layers=2, ffn_dim=352,
+                                    head_dim=32, rope_theta=10000.0, tie_embeddings=True),
 }
 
 
