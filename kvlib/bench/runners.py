@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..generate import generate_stream
-from ..models import CausalLM, GPTModel, LlamaModel
+from ..hf import to_transformers as hf_twin  # noqa: F401  (the benchmarks' name for it)
+from ..models import CausalLM
 from ..timing import Stopwatch
 
 
@@ -71,39 +72,6 @@ class HFRunner:
                 if isinstance(t, Tensor):
                     total += t.numel() * t.element_size()
         return total
-
-
-def hf_twin(model: CausalLM):
-    """transformers' model of ``model``'s family holding exactly its weights (same dtype and
-    device, SDPA attention as kvlib): ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or
-    ``Qwen3ForCausalLM``."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise ImportError('--compare hf needs transformers: pip install "kvlib[compare]"') from e
-    if isinstance(model, LlamaModel):
-        from ..hf.llama import to_hf_model
-
-        return to_hf_model(model, attn_implementation="sdpa")
-    if not isinstance(model, GPTModel):
-        raise TypeError(f"--compare hf has no transformers twin for a {type(model).__name__}")
-    return _gpt2_twin(model)
-
-
-def _gpt2_twin(model: GPTModel):
-    from transformers import GPT2LMHeadModel
-
-    from ..hf.gpt2 import hf_config, to_hf_state_dict
-
-    p = next(model.parameters())
-    config = hf_config(model.cfg)
-    config._attn_implementation = "sdpa"  # the same attention kernel as kvlib
-    config.bos_token_id = config.eos_token_id = min(50256, config.vocab_size - 1)  # small vocabs
-    hf = GPT2LMHeadModel(config)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
-        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return hf.to(device=p.device, dtype=p.dtype).eval()
 
 
 def time_run(runner, idx: Tensor, n: int) -> dict:
