@@ -36,7 +36,7 @@ from .measure import (
     measure_latency,
     spec_label,
 )
-from .memory import DTYPE_BYTES, MODELS, ModelSpec, format_bytes
+from .memory import ARCHITECTURES, DTYPE_BYTES, MODELS, ModelSpec, format_bytes
 from .models import CausalLM
 from .plots import cache_state_pngs, figure_png, plot_compression, plot_latency, plot_memory
 
@@ -267,8 +267,13 @@ class LatencyMonitor(widgets.VBox):
             self._thread.join(timeout)
 
 
+CATALOG = {**MODELS, **ARCHITECTURES}  # chapter 3's models, then today's layouts (chapter 11)
+
+
 class MemoryCalculator(widgets.VBox):
-    """Model, context length, batch size and dtype in; KV-cache bytes and a picture out."""
+    """Model, context length, batch size and dtype in; KV-cache bytes and a picture out. The
+    models are ``kvlib.memory``'s ``MODELS`` and ``ARCHITECTURES`` (latent attention, local and
+    global layers), or "custom"."""
 
     CONTEXTS = [2**k for k in range(9, 21)]  # 512 ... 1M tokens
 
@@ -276,9 +281,9 @@ class MemoryCalculator(widgets.VBox):
                  dtype: str = "bfloat16", dpi: int = 72) -> None:
         self.dpi = dpi
         self._quiet = False  # True while a preset fills the fields: update once, at the end
-        spec = MODELS[model]
+        spec = CATALOG[model]
         style = {"description_width": "80px"}
-        self.model = widgets.Dropdown(options=[*MODELS, "custom"], value=model,
+        self.model = widgets.Dropdown(options=[*CATALOG, "custom"], value=model,
                                       description="model", style=style)
         self.layers = widgets.BoundedIntText(value=spec.n_layers, min=1, max=1000,
                                              description="layers", style=style)
@@ -319,7 +324,7 @@ class MemoryCalculator(widgets.VBox):
     def spec(self) -> ModelSpec:
         """The model the controls describe now."""
         if self.model.value != "custom":
-            return MODELS[self.model.value]
+            return CATALOG[self.model.value]
         n = self.kv_heads.value
         return ModelSpec("custom", self.layers.value, n, n, self.head_dim.value,
                          int(self.params_b.value * 1e9), max(self.context.value, 1024))
@@ -329,7 +334,7 @@ class MemoryCalculator(widgets.VBox):
         for w in (self.layers, self.kv_heads, self.head_dim, self.params_b):
             w.disabled = not custom
         if not custom:  # show the preset's numbers; update once at the end
-            s = MODELS[self.model.value]
+            s = CATALOG[self.model.value]
             self._quiet = True
             self.layers.value, self.kv_heads.value = s.n_layers, s.n_kv_heads
             self.head_dim.value, self.params_b.value = s.head_dim, round(s.n_params / 1e9, 3)
@@ -343,11 +348,14 @@ class MemoryCalculator(widgets.VBox):
         s, t, b, d = self.spec(), self.context.value, self.batch.value, self.dtype.value
         self.cache_bytes = s.cache_bytes(t, b, d)
         self.image.value = figure_png(plot_memory(s, t, b, d), dpi=self.dpi)
+        what = (f"{s.n_layers} layers x {s.latent_dim} latent numbers" if s.latent_dim else
+                f"2 x {s.n_layers} layers x {s.n_kv_heads} kv heads x {s.head_dim} dims")
+        local = "" if s.window is None else (
+            f" ({s.n_layers - s.global_layers} local layers hold at most {s.window:,} tokens)")
         self.numbers.value = (
-            f"<b>{html.escape(s.name)}</b>: 2 x {s.n_layers} layers x {s.n_kv_heads} kv heads x "
-            f"{s.head_dim} dims x {DTYPE_BYTES[d]} bytes = "
+            f"<b>{html.escape(s.name)}</b>: {what} x {DTYPE_BYTES[d]} bytes = "
             f"<b>{format_bytes(s.cache_bytes_per_token(d))} per token</b>; "
-            f"x {t:,} tokens x batch {b} = <b>{format_bytes(self.cache_bytes)}</b> "
+            f"at {t:,} tokens x batch {b}{local}: <b>{format_bytes(self.cache_bytes)}</b> "
             f"({self.cache_bytes:,} bytes) beside {format_bytes(s.weight_bytes(d))} of weights.")
 
 

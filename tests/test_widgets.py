@@ -105,6 +105,12 @@ def test_memory_calculator_recomputes(tiny):
     assert not calc.layers.disabled
     calc.layers.value = 6
     assert calc.cache_bytes == 2 * 6 * 12 * 64 * 4 * 32768 * 2
+    calc.batch.value, calc.dtype.value = 1, "bfloat16"
+    calc.model.value = "deepseek-v3"  # today's layouts: a latent per token and layer
+    assert calc.cache_bytes == 61 * 576 * 2 * 32768 and "576 latent numbers" in calc.numbers.value
+    calc.model.value = "gemma-3-27b"  # local layers stop at their window
+    assert "52 local layers hold at most 1,024 tokens" in calc.numbers.value
+    assert calc.cache_bytes == (10 * 32768 + 52 * 1024) * 2 * 16 * 128 * 2
 
 
 def test_explorer_leaves_the_readers_model_as_it_was(reader_model, left_as_found):
