@@ -148,6 +148,9 @@ ARCHITECTURES: dict[str, ModelSpec] = {
 }
 
 
+CATALOG: dict[str, ModelSpec] = {**MODELS, **ARCHITECTURES}  # every named model, chapter 3's first
+
+
 def with_layout(spec: ModelSpec, local_per_global: int | None, window: int | None = None
                 ) -> ModelSpec:
     """``spec`` with ``local_per_global`` sliding-window layers (of ``window`` tokens) before

@@ -36,7 +36,7 @@ from .measure import (
     measure_latency,
     spec_label,
 )
-from .memory import ARCHITECTURES, DTYPE_BYTES, MODELS, ModelSpec, format_bytes
+from .memory import CATALOG, DTYPE_BYTES, ModelSpec, format_bytes
 from .models import CausalLM
 from .plots import cache_state_pngs, figure_png, plot_compression, plot_latency, plot_memory
 
@@ -267,13 +267,8 @@ class LatencyMonitor(widgets.VBox):
             self._thread.join(timeout)
 
 
-CATALOG = {**MODELS, **ARCHITECTURES}  # chapter 3's models, then today's layouts (chapter 11)
-
-
 class MemoryCalculator(widgets.VBox):
-    """Model, context length, batch size and dtype in; KV-cache bytes and a picture out. The
-    models are ``kvlib.memory``'s ``MODELS`` and ``ARCHITECTURES`` (latent attention, local and
-    global layers), or "custom"."""
+    """Model (``CATALOG`` or "custom"), context, batch and dtype in; bytes and a picture out."""
 
     CONTEXTS = [2**k for k in range(9, 21)]  # 512 ... 1M tokens
 
@@ -350,8 +345,8 @@ class MemoryCalculator(widgets.VBox):
         self.image.value = figure_png(plot_memory(s, t, b, d), dpi=self.dpi)
         what = (f"{s.n_layers} layers x {s.latent_dim} latent numbers" if s.latent_dim else
                 f"2 x {s.n_layers} layers x {s.n_kv_heads} kv heads x {s.head_dim} dims")
-        local = "" if s.window is None else (
-            f" ({s.n_layers - s.global_layers} local layers hold at most {s.window:,} tokens)")
+        local = "" if s.window is None else f" ({s.n_layers - s.global_layers} local layers " \
+            f"hold at most {s.window:,} tokens)"
         self.numbers.value = (
             f"<b>{html.escape(s.name)}</b>: {what} x {DTYPE_BYTES[d]} bytes = "
             f"<b>{format_bytes(s.cache_bytes_per_token(d))} per token</b>; "

@@ -14,4 +14,16 @@ def test_speculative_bench_reports_every_variant(one_thread):
     assert rows["lookup"]["same_as_plain"] == 1  # greedy: the tokens of plain decoding
     assert rows["plain"]["vs_plain"] == 1.0 and "vs_hf" in rows["lookup"]
     assert 0 <= (rows["lookup"]["acceptance"] or 0) <= 1
-    assert len(speculative_lines(d)) == 4 + len(rows)
+    assert len(speculative_lines(d)) == 6 + len(rows)
+
+
+def test_latent_bench_times_both_modes_and_checks_their_tokens(one_thread):
+    from kvlib.bench.latent import latent, latent_lines
+    from kvlib.models import DeepseekConfig
+
+    d = latent((8, 16), steps=2, repeats=1, warmup=0,
+               cfg=DeepseekConfig.from_preset("tiny-deepseek"))
+    assert [r["context"] for r in d["rows"]] == [8, 16]
+    assert all(r["same_tokens"] and r["naive_ms"] > 0 and r["absorb_ms"] > 0 for r in d["rows"])
+    assert d["rows"][1]["cache_bytes"] > d["rows"][0]["cache_bytes"]
+    assert len(latent_lines(d)) == 6 + 2

@@ -14,6 +14,7 @@ import torch
 
 from .compress import compress, compress_lines
 from .figures import plot
+from .latent import latent, latent_lines
 from .lockstep import lockstep
 from .overhead import compile_check
 from .plan import PLANS, Suite
@@ -96,9 +97,33 @@ def add_other_parsers(sub) -> None:
     rep.add_argument("--streaming", help="a JSON written by the streaming command, to include")
     rep.add_argument("--serving", help="a JSON written by the serving command, to include")
     rep.add_argument("--compress", help="a JSON written by the compress command, to include")
+    for name in ("speculative", "surgery", "latent"):
+        rep.add_argument(f"--{name}", help=f"a JSON written by the {name} command, to include")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
+
+
+def add_surgery_parsers(sub) -> None:
+    sp = sub.add_parser("speculative", help="speculative decoding (prompt lookup, a draft "
+                        "model) against plain decoding and transformers' assisted generation")
+    sp.add_argument("--model", default="mini-llama", help="a trained model")
+    sp.add_argument("--draft", default="mini-llama-draft", help="a trained draft ('' for none)")
+    sp.add_argument("--prompts", type=int, default=8)
+    sp.add_argument("--prompt-len", type=int, default=128)
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--draft-tokens", type=int, default=4)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--warmup", type=int, default=1)
+    sp.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    sp.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    sp.add_argument("--out", default="speculative.json")
+    sp.add_argument("--no-progress", action="store_true")
+    la = sub.add_parser("latent", help="latent attention's decode step, naive against absorbed")
+    la.add_argument("--contexts", type=_csv(int), default=[64, 256, 1024, 2048])
+    la.add_argument("--repeats", type=int, default=5)
+    la.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    la.add_argument("--out", default="latent.json")
 
 
 def add_serving_parsers(sub) -> None:
@@ -136,20 +161,6 @@ def add_serving_parsers(sub) -> None:
     su.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
     su.add_argument("--out", default="surgery.json")
     su.add_argument("--no-progress", action="store_true")
-    sp = sub.add_parser("speculative", help="speculative decoding (prompt lookup, a draft "
-                        "model) against plain decoding and transformers' assisted generation")
-    sp.add_argument("--model", default="mini-llama", help="a trained model")
-    sp.add_argument("--draft", default="mini-llama-draft", help="a trained draft ('' for none)")
-    sp.add_argument("--prompts", type=int, default=8)
-    sp.add_argument("--prompt-len", type=int, default=128)
-    sp.add_argument("--new-tokens", type=int, default=128)
-    sp.add_argument("--draft-tokens", type=int, default=4)
-    sp.add_argument("--repeats", type=int, default=3)
-    sp.add_argument("--warmup", type=int, default=1)
-    sp.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    sp.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
-    sp.add_argument("--out", default="speculative.json")
-    sp.add_argument("--no-progress", action="store_true")
     cp = sub.add_parser("compress", help="quantized and evicting caches: perplexity, greedy "
                         "agreement, bytes held and decode step (a minute or two)")
     cp.add_argument("--model", default="mini-llama")
@@ -168,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_parser(sub)
     add_other_parsers(sub)
     add_serving_parsers(sub)
+    add_surgery_parsers(sub)
     return ap.parse_args(argv)
 
 
@@ -201,6 +213,11 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.compress:
         print("\n---\n")
         print("\n".join(compress_lines(_read(args.compress))))
+    for path, lines in ((args.speculative, speculative_lines), (args.surgery, surgery_lines),
+                        (args.latent, latent_lines)):
+        if path:
+            print("\n---\n")
+            print("\n".join(lines(_read(path))))
     for path in args.also:  # each with its own machine, commands and targets
         print("\n---\n")
         print(report({**_read(path), "report_command": command}))
@@ -261,6 +278,13 @@ def cmd_speculative(args: argparse.Namespace, argv: list[str]) -> None:
     print("\n".join(speculative_lines(d)))
 
 
+def cmd_latent(args: argparse.Namespace, argv: list[str]) -> None:
+    d = latent(tuple(args.contexts), repeats=args.repeats)
+    d["command"] = _command(argv)
+    _write(args.out, d)
+    print("\n".join(latent_lines(d)))
+
+
 def cmd_compress(args: argparse.Namespace, argv: list[str]) -> None:
     d = compress(args.model, args.windows, repeats=args.repeats, gpt2=not args.no_gpt2,
                  hf=not args.no_hf, progress=not args.no_progress)
@@ -299,7 +323,8 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
             "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving,
-            "compress": cmd_compress, "surgery": cmd_surgery, "speculative": cmd_speculative}
+            "compress": cmd_compress, "surgery": cmd_surgery, "speculative": cmd_speculative,
+            "latent": cmd_latent}
 
 
 def main(argv: list[str] | None = None) -> None:

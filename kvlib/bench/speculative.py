@@ -118,9 +118,14 @@ def speculative(model_name: str = "mini-llama", draft_name: str | None = "mini-l
 
 def speculative_lines(d: dict) -> list[str]:
     """The RESULTS.md section: one row per variant."""
-    lines = [f"Speculative decoding, `{d['model']}` (draft `{d['draft']}`), {d['prompts']} "
-             f"held-out prompts of {d['prompt_len']} tokens, {d['new_tokens']} new tokens each, "
-             f"greedy, {d['draft_tokens']} drafts a round; median of {d['repeats']} runs.", "",
+    e = d["environment"]
+    lines = ["## Speculative decoding (prompt lookup, a draft model, transformers' assisted "
+             "generation)", "",
+             f"`{d['model']}` (draft `{d['draft']}`), {d['prompts']} held-out prompts of "
+             f"{d['prompt_len']} tokens, {d['new_tokens']} new tokens each, greedy, "
+             f"{d['draft_tokens']} drafts a round; median of {d['repeats']} runs after "
+             f"{d['warmup']} warm-up; {e['cpu_model']}, {e['threads']} thread(s), load "
+             f"{e['load_avg'][0]:.1f}. Command: `{d.get('command', '')}`.", "",
              "| variant | tokens/s | vs plain | vs transformers' | kept drafts | tokens per "
              "forward | same tokens as plain |", "|---|---|---|---|---|---|---|"]
     for name, r in d["variants"].items():
