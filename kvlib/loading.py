@@ -36,7 +36,7 @@ from .models import (
 from .vocab import TrimmedTokenizer, is_vocab_file
 
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"  # kvlib/trained/<name>/
-TRAINED = ("mini-gpt2", "mini-llama")  # the presets whose weights kvlib ships
+TRAINED = ("mini-gpt2", "mini-llama", "mini-llama-draft")  # the presets whose weights ship
 VOCAB_FILE = "vocab.json"
 
 

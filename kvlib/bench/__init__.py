@@ -33,6 +33,8 @@ The modules, in the order a run uses them:
 | ``report``, ``figures`` | RESULTS.md and the PNGs, from the JSON |
 | ``streaming``, ``serving``, ``compress`` | past the context, many requests, compressed caches |
 | ``surgery`` | the engine: latency with and without chunked prefill, blocks forks and beams share |
+| ``speculative`` | prompt lookup, a draft model: against plain decoding and transformers' |
+| ``latent`` | latent attention's decode step, naive against absorbed, by context length |
 | ``cli`` | the command line |
 """
 

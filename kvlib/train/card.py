@@ -139,7 +139,7 @@ They continue Python source in the style of the standard library: indentation, k
 `self.` attributes, docstrings and comments that read like the library's, names that exist in it.
 They do not understand code: what they write rarely runs, they repeat themselves under greedy
 decoding, and they know nothing beyond the standard library (no prose, no other languages, no
-instructions). Their context is {ctx}. The perplexities compare these two models with
+instructions). Their context is {ctx}. The perplexities compare these models with
 each other; they do not compare with models that use another tokenizer or corpus.
 """
 
