@@ -64,7 +64,9 @@ def test_compile_verdict_follows_the_numbers():
 REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",
                "benchmarks/compile.json", "--lockstep", "benchmarks/lockstep.json", "--also",
                "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json", "--serving",
-               "benchmarks/serving.json", "--compress", "benchmarks/compress.json"]
+               "benchmarks/serving.json", "--compress", "benchmarks/compress.json",
+               "--speculative", "benchmarks/speculative.json", "--surgery",
+               "benchmarks/surgery.json", "--latent", "benchmarks/latent.json"]
 
 
 def test_the_stored_results_render_to_the_stored_report(capsys, monkeypatch):
