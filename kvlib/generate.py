@@ -200,8 +200,13 @@ def _check_hard_context(T: int, max_new_tokens: int, ctx: int, keeps_tokens: boo
 def generate_stream(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
                     cache: str | None = None, window: int | None = None,
                     temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                    eos_id: int | None = None, **cache_options) -> Iterator[Step]:
+                    eos_id: int | None = None, draft: CausalLM | str | None = None,
+                    draft_tokens: int = 4, **cache_options) -> Iterator[Step]:
     """Yield a ``Step`` for every new token; arguments as for ``generate``."""
+    if draft is not None:  # speculative decoding: chapter 12
+        yield from speculative_stream(model, idx, max_new_tokens, cache, window, temperature,
+                                      top_k, seed, eos_id, draft, draft_tokens, **cache_options)
+        return
     pad = None
     if isinstance(idx, (list, tuple)):
         idx, pad = pad_prompts(list(idx))
@@ -362,9 +367,7 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
         idx, pad = pad_prompts(list(idx))
     tokens, times, rounds, drafted, accepted = [idx], [], 0, 0, 0
     steps = generate_stream(model, prompts, max_new_tokens, cache, window, temperature, top_k,
-                            seed, eos_id, **cache_options) if draft is None else \
-        speculative_stream(model, prompts, max_new_tokens, cache, window, temperature, top_k,
-                           seed, eos_id, draft, draft_tokens, **cache_options)
+                            seed, eos_id, draft, draft_tokens, **cache_options)
     for step in steps:
         tokens.append(step.tokens[:, None])
         times.append(step.seconds)

@@ -66,6 +66,22 @@ def test_a_padded_batch_gets_the_tokens_of_plain_decoding(make_model, make_llama
         assert out.sequences[2].tolist() == alone.tokens[0].tolist()
 
 
+@pytest.mark.parametrize("draft", ["lookup", "model"])
+def test_generate_stream_speculates_with_a_draft(make_llama, draft, one_thread):
+    model, other = _models(None, make_llama, "tiny-llama")
+    ids = _repeating_prompt()
+    plain = [int(s.tokens[0]) for s in kvlib.generate_stream(model, ids, 20, cache="prealloc")]
+    steps = list(kvlib.generate_stream(model, ids, 20, cache="prealloc",
+                                       draft="lookup" if draft == "lookup" else other,
+                                       draft_tokens=3))
+    assert [int(s.tokens[0]) for s in steps] == plain  # one Step per token, the same tokens
+    assert [s.index for s in steps] == list(range(20))
+    if draft == "lookup":  # the text repeats: some rounds commit several tokens
+        assert sum(s.round_start for s in steps) < 20
+    assert all(s.drafted <= 3 and s.accepted <= s.drafted for s in steps)
+    assert sum(s.drafted for s in steps) > 0  # the drafts were checked
+
+
 def test_prompt_lookup_proposes_what_followed_the_last_match():
     from kvlib.speculative import PromptLookup
 
