@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kvlib
 from kvlib import loading
@@ -397,3 +398,36 @@ def test_ablate_trains_the_variants_and_tabulates_them(tmp_path, corpus_root):
         ablate(base, ["cut+bos"], tmp_path)
     with pytest.raises(ValueError, match="--recall-share"):
         ablate(base, ["bos+recall"], tmp_path)
+
+
+def test_a_second_phase_starts_from_the_first_runs_weights(tmp_path, corpus_root):
+    """``--init-from`` an earlier run's folder: the weights begin as that run's (so the first
+    step's loss is the earlier model's), the metrics and the card say so with both commands,
+    and another architecture is refused."""
+    first_out, second_out = tmp_path / "one" / "mini-llama", tmp_path / "two" / "mini-llama"
+    common = ["--model", "mini-llama", "--batch-size", "2", "--warmup-steps", "1",
+              "--test-windows", "3", "--valid-windows", "2", "--corpus-root", str(corpus_root),
+              "--no-progress", *[a for k, v in LONGER["mini-llama"].items()
+                                 for a in ("--set", f"{k}={v}")]]
+    first = main([*common, "--steps", "4", "--out", str(first_out), "--checkpoint-dir",
+                  str(tmp_path / "c1")])
+    second = main([*common, "--steps", "2", "--seed", "2", "--recall-share", "0.5",
+                   "--init-from", str(first_out), "--out", str(second_out),
+                   "--checkpoint-dir", str(tmp_path / "c2")])
+    e = second["init_from"]
+    assert e["folder"] == str(first_out) and e["steps"] == 4
+    assert e["command"] == first["command"] and e["reproduce"] == first["reproduce"]
+    assert f"--init-from {first_out}" in second["reproduce"]
+    # the second run's first batch, scored by the first run's weights, is its first loss
+    cfg = TrainConfig.from_dict(second["train"])
+    trainer = Trainer(cfg, build_data(400, str(corpus_root)))
+    x, y = trainer.batches(0)
+    earlier = kvlib.load_model(first_out).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(earlier(x, check_ids=False).float().flatten(0, 1), y.flatten())
+    assert second["history"]["loss"][0] == pytest.approx(loss.item(), abs=1e-4)
+    card = (second_out.parent / "README.md").read_text()
+    assert "It is a second phase" in card and first["command"] in card
+    with pytest.raises(ValueError, match="another architecture"):
+        main([*common, "--steps", "2", "--set", "n_layers=2", "--init-from", str(first_out),
+              "--out", str(tmp_path / "three"), "--checkpoint-dir", str(tmp_path / "c3")])

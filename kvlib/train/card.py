@@ -167,13 +167,28 @@ def _model(run: dict) -> str:
 perplexity {run['test_full']['perplexity']:.3f} over {run['test_full']['tokens_scored']:,} tokens.
 {rec}
 Trained with `{run['command']}` on {run['created'][:10]}; the same weights again:
-`{run['reproduce']}` (same machine and thread count).{_rerun(run)}
+`{run['reproduce']}` (same machine and thread count).{_phases(run)}{_rerun(run)}
 
 Greedy continuations, the prompt then {run['sample_tokens']} tokens of the model's (prealloc
 cache):
 
 {(chr(10) * 2).join(samples)}
 """
+
+
+def _phases(run: dict) -> str:
+    """A second phase (``--init-from``): the run its weights began from, and that run's own
+    recipe, so that both commands in turn give the weights again."""
+    e = run.get("init_from")
+    if not e:
+        return ""
+    t = e["train"]
+    how = " with every window opening with `<|endoftext|>`" if t.get("bos") else ""
+    share = (f", {100 * t['recall_share']:g}% passkey episodes" if t.get("recall_share")
+             else "")
+    return (f" It is a second phase: its weights began as those of a first run of {e['steps']} "
+            f"steps ({e['tokens_seen']:,} tokens{how}{share}, {e['seconds'] / 60:.0f} minutes), "
+            f"trained with `{e['command']}` into `{e['folder']}` (again: `{e['reproduce']}`).")
 
 
 def _windows(run: dict) -> str:

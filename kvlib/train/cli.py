@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
         default = d[name].default
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                        help=f"default {default}")
+    p.add_argument("--init-from", metavar="FOLDER", help="start from the weights of an earlier "
+                   "run's output folder (a second phase: a new optimizer and schedule)")
     p.add_argument("--out", help="where the weights go (default kvlib/trained/<model>/)")
     p.add_argument("--checkpoint-dir", help="default checkpoints/<model>/")
     p.add_argument("--corpus-root", help="the stdlib folder to read (default: this Python's)")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         **{name: getattr(args, name) for name in CLI_SETTINGS},
         model_overrides=dict(args.set), corpus_root=args.corpus_root, out=args.out,
         checkpoint_dir=args.checkpoint_dir, autocast=not args.no_autocast,
-        progress=not args.no_progress, bos=args.bos)
+        progress=not args.no_progress, bos=args.bos, init_from=args.init_from)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "kvlib.train", *argv])
     if args.ablate is not None:

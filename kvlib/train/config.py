@@ -18,7 +18,7 @@ CLI_SETTINGS = ("seed", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "wei
                 "recall_share")
 SAME_RUN = ("model", "model_overrides", "seed", "steps", "batch_size", "lr", "min_lr_ratio",
             "warmup_steps", "weight_decay", "betas", "grad_clip", "autocast", "corpus_root",
-            "bos", "recall_share")
+            "bos", "recall_share", "init_from")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class TrainConfig:
     test_windows: int = 64  # the fixed held-out slice of the test split the card reports
     bos: bool = False  # every window opens with <|endoftext|> (else: cut at random places)
     recall_share: float = 0.0  # share of training rows that are passkey episodes (kvlib.passkey)
+    # a second phase: the weights of an earlier run's output folder start this run (a fresh
+    # optimizer and schedule), as pretraining's later phases continue from the first
+    init_from: str | None = None
     model_overrides: dict = field(default_factory=dict)  # e.g. {"n_layers": 2}, for tests
     corpus_root: str | None = None  # the stdlib to read (default: this Python's)
     out: str | None = None  # default kvlib/trained/<model>/
@@ -118,6 +121,8 @@ class TrainConfig:
             args += ["--set", f"{key}={json.dumps(value)}"]
         if self.bos:
             args.append("--bos")
+        if self.init_from is not None:
+            args += ["--init-from", self.init_from]
         if not self.autocast:
             args.append("--no-autocast")
         if self.corpus_root is not None:

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..evaluate import first_token_attention, perplexity
+from ..loading import load_model
 from ..models import CausalLM, build_model
 from ..passkey import passkeys_for, recall
 from ..timing import Stopwatch
@@ -49,6 +51,23 @@ def make_optimizer(model: CausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
 
+def initial_weights(cfg: TrainConfig, data: TokenData) -> dict[str, Tensor]:
+    """The weights in ``cfg.init_from`` (an earlier run's output folder), checked to be of this
+    run's architecture and vocabulary."""
+    folder = Path(cfg.init_from)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {folder}: no trained model there (the --out folder "
+                                "of an earlier python -m kvlib.train run)")
+    earlier = load_model(folder)
+    if earlier.cfg != cfg.arch:
+        raise ValueError(f"--init-from {folder} holds another architecture than --model "
+                         f"{cfg.model}: {earlier.cfg} against {cfg.arch}")
+    if list(earlier.tokenizer.gpt2_ids) != list(data.tokenizer.gpt2_ids):
+        raise ValueError(f"--init-from {folder} was trained with another vocabulary than this "
+                         "corpus gives")
+    return earlier.state_dict()
+
+
 class Trainer:
     """One run: ``Trainer(cfg, data).run()``; ``Trainer.resume(cfg, data)`` continues one."""
 
@@ -61,6 +80,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(arch).train()
         self.model.tokenizer = data.tokenizer
+        if cfg.init_from is not None:
+            self.model.load_state_dict(initial_weights(cfg, data))
         self.optimizer = make_optimizer(self.model, cfg)
         self.bos_id = data.tokenizer.eot_id if cfg.bos else None
         passkeys = passkeys_for(data.tokenizer) if cfg.recall_share else None

@@ -33,6 +33,7 @@ from ..models import CausalLM, GPTModel
 from ..passkey import MAX_VALUE_TOKENS, passkeys_for, recall
 from ..plots.figure import figure_png
 from ..plots.training import plot_training
+from .config import TrainConfig
 from .data import TokenData, consecutive_windows, fixed_windows
 from .loop import Trainer
 from .quality import compare_with, parse_share
@@ -114,6 +115,16 @@ def recall_scores(model: CausalLM, data: TokenData, bos: bool, n: int = RECALL_E
     return out
 
 
+def earlier_phase(cfg: TrainConfig) -> dict | None:
+    """What the run in ``cfg.init_from`` was (its metrics): where this one's weights began."""
+    if cfg.init_from is None:
+        return None
+    m = json.loads((Path(cfg.init_from) / METRICS_FILE).read_text())
+    return {"folder": cfg.init_from, "steps": m["steps"], "tokens_seen": m["tokens_seen"],
+            "seconds": m["seconds"], "command": m["command"], "reproduce": m["reproduce"],
+            "train": m["train"], "init_from": m.get("init_from")}
+
+
 def finish(trainer: Trainer, command: str | None = None) -> dict:
     """Write the weights, score them, write ``metrics.json`` and ``loss.png``; the metrics."""
     cfg, data = trainer.cfg, trainer.data
@@ -146,6 +157,7 @@ def finish(trainer: Trainer, command: str | None = None) -> dict:
         "reproduce": cfg.command(trainer.total_steps, None if trainer.step == trainer.total_steps
                                  else trainer.step) + f" --threads {torch.get_num_threads()}",
         "command": command or " ".join(["python -m kvlib.train", *sys.argv[1:]]),
+        "init_from": earlier_phase(cfg),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment_info(),
         "history": {k: [round(v, 5) if isinstance(v, float) else v for v in vals]
