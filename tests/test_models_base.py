@@ -52,3 +52,14 @@ def test_weights_are_laid_out_for_the_dtype(preset):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(bf16(ids), cast(ids), **BF16_KERNELS)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_logits_at_gives_those_tokens_logits(make_model, make_llama, preset):
+    model = (make_model if preset == "tiny" else make_llama)(preset, seed=0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    at = torch.tensor([0, 4, 8])
+    with torch.no_grad():
+        full, some = model(ids), model(ids, logits_at=at)
+    assert some.shape == (2, 3, model.cfg.vocab_size)
+    torch.testing.assert_close(some, full[:, at], rtol=1e-5, atol=1e-5)

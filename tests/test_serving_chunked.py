@@ -87,3 +87,64 @@ def test_a_budget_that_no_prompt_could_use_is_refused(tiny):
     out = engine.run()
     assert torch.equal(out[c], kvlib.generate(tiny, torch.arange(9, 12)[None], 2).tokens[0])
     assert torch.equal(out[kid], out[a])  # greedy: the fork writes the same tokens
+
+
+def test_under_a_budget_a_step_is_one_forward(trained):
+    """Decodes and prompt chunks share one packed forward (vLLM's mixed batch): no step runs the
+    model twice, and steps that ran both still give every request its own tokens."""
+    model, text = trained
+    work = _workload(text)
+    engine = kvlib.Engine(model, block_size=8, num_blocks=80, max_batched_tokens=16)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    try:
+        ids = [engine.add_request(p, n, arrival_step=a) for p, n, a in work]
+        per_step = []
+        while engine.pending:
+            before = len(calls)
+            rec = engine.step()
+            per_step.append((calls[before:], rec))
+    finally:
+        hook.remove()
+    assert all(len(shapes) == 1 for shapes, _ in per_step)
+    for [shape], rec in per_step:
+        if rec.prefilled:  # prompt chunks (and decodes): one packed row of every token
+            assert tuple(shape) == (1, rec.tokens)
+        else:  # decodes alone: a batch of rows, a token each
+            assert tuple(shape) == (len(rec.decoded), 1)
+    assert any(rec.decoded and rec.prefilled for _, rec in per_step)
+    for rid, (p, n, _) in zip(ids, work, strict=True):
+        assert torch.equal(engine.result(rid), _alone(model, p, n)), rid
+
+
+def test_a_request_shares_blocks_computed_in_the_same_forward(trained):
+    """Two prompts with the same 32-token start arriving together under a budget that holds
+    both: the second finds the first's four full blocks, which the same packed forward
+    computes (each layer writes the new keys before any token reads them)."""
+    model, text = trained
+    system = text[:32]
+    prompts = [torch.cat([system, text[200:205]]), torch.cat([system, text[400:403]])]
+    engine = kvlib.Engine(model, block_size=8, num_blocks=40, max_batched_tokens=64)
+    a, b = (engine.add_request(p, 4) for p in prompts)
+    rec = engine.step()
+    assert rec.prefilled == {a: 37, b: 3} and sorted(rec.joined) == [a, b]
+    assert engine.requests[b].cached_tokens == 32
+    out = engine.run()
+    for rid, p in zip((a, b), prompts, strict=True):
+        assert torch.equal(out[rid], _alone(model, p, 4))
+
+
+def test_a_packed_batch_sees_only_its_own_requests_slots():
+    from kvlib.caches.paged import PagedBatch
+
+    batch = PagedBatch(block_size=4)
+    # request 0 holds 5 tokens in blocks [7, 2] and brings 1; request 1 holds 0 in [3] and brings 2
+    last = batch.set_packed([[7, 2], [3]], [5, 0], [1, 2], "cpu")
+    assert last == [0, 2]
+    assert batch.positions.tolist() == [[5, 0, 1]]
+    assert batch.tables.tolist() == [[7, 2, 3]]
+    assert batch.write_at.tolist() == [2 * 4 + 1, 3 * 4 + 0, 3 * 4 + 1]
+    seen = batch.mask[0, 0].int().tolist()  # (3 tokens, 12 gathered slots)
+    assert seen[0] == [1] * 6 + [0] * 6  # its own slots 0..5
+    assert seen[1] == [0] * 8 + [1, 0, 0, 0]  # request 1's first slot only
+    assert seen[2] == [0] * 8 + [1, 1, 0, 0]

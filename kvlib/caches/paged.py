@@ -113,6 +113,30 @@ class PagedBatch:
         slot = torch.arange(n * bs, device=device)  # the gathered keys' slots, in table order
         self.mask = (slot[None, None, :] <= self.positions[:, :, None])[:, None]  # causal
 
+    def set_packed(self, tables: list[list[int]], starts: list[int], counts: list[int],
+                   device: torch.device | str) -> list[int]:
+        """The next forward as one packed row ``(1, N)``: request g, with block table
+        ``tables[g]``, holds ``starts[g]`` tokens and brings ``counts[g]`` new ones, its tokens
+        after those of the requests before it (vLLM's mixed batch: one token for each decode and
+        a chunk of a prompt, in one forward). Every token sees its own request's slots up to its
+        position and nothing of the others'. Returns where each request's last token is in the
+        row."""
+        bs = self.block_size
+        table = torch.tensor([b for t in tables for b in t], device=device)  # every request's
+        first = torch.tensor([0] + [len(t) * bs for t in tables], device=device).cumsum(0)
+        owner = torch.repeat_interleave(torch.arange(len(tables), device=device),
+                                        torch.tensor(counts, device=device))  # (N,) its request
+        run = torch.arange(len(owner), device=device) - torch.tensor(
+            [0] + counts, device=device).cumsum(0)[owner]  # (N,) its index in its request's run
+        positions = torch.tensor(starts, device=device)[owner] + run  # (N,)
+        at = first[owner] + positions  # its slot in the gathered keys
+        self.tables = table[None]  # (1, n): one row of every request's blocks
+        self.positions = positions[None]  # (1, N)
+        self.write_at = table[at // bs] * bs + positions % bs  # (N,) the slot of the storage
+        slot = torch.arange(len(table) * bs, device=device)
+        self.mask = ((slot >= first[owner][:, None]) & (slot <= at[:, None]))[None, None]
+        return torch.tensor(counts).cumsum(0).sub(1).tolist()
+
 
 class RowPager:
     """The block tables of a batch whose rows all hold the same tokens, when no engine is

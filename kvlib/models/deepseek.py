@@ -302,7 +302,7 @@ class DeepseekModel(CausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
-                check_ids: bool = True) -> Tensor:
+                check_ids: bool = True, logits_at: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if ``last_only``
         (as ``LlamaModel.forward``: with ``use_cache`` the tokens continue the cached ones)."""
         if check_ids:
@@ -318,4 +318,6 @@ class DeepseekModel(CausalLM):
             x = layer(x, cos, sin, use_cache)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        elif logits_at is not None:  # (K,): only these tokens' logits (kvlib.Engine)
+            x = x[:, logits_at]  # (B, K, C)
         return self.lm_head(self.norm(x))  # (B, T or 1, vocab)

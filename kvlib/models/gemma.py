@@ -237,7 +237,7 @@ class GemmaModel(CausalLM):
         return {local: r.at(rows, like=like) for local, r in ropes.items()}  # (B, 1, T, D)
 
     def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
-                check_ids: bool = True) -> Tensor:
+                check_ids: bool = True, logits_at: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if
         ``last_only``. Positions as in ``LlamaModel.forward``."""
         if check_ids:
@@ -252,4 +252,6 @@ class GemmaModel(CausalLM):
             x = layer(x, cos, sin, use_cache)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        elif logits_at is not None:  # (K,): only these tokens' logits (kvlib.Engine)
+            x = x[:, logits_at]  # (B, K, C)
         return softcap(self.lm_head(self.norm(x)), self.cfg.final_softcap)  # (B, T or 1, V)

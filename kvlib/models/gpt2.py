@@ -143,13 +143,14 @@ class GPTModel(CausalLM):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
-                check_ids: bool = True) -> Tensor:
+                check_ids: bool = True, logits_at: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if ``last_only``.
 
         With ``use_cache`` the tokens continue the cached ones: the first call fills the caches,
         later calls append, and positions start at the caches' length (``self.pos``).
         ``check_ids=False`` skips the range check, for a loop that feeds back tokens the model
-        itself produced.
+        itself produced. ``logits_at`` ``(K,)``: the logits of those tokens only, ``(B, K,
+        vocab)`` (a packed batch wants each request's last).
         """
         if check_ids:
             check_token_ids(idx, self.cfg.vocab_size)
@@ -166,5 +167,7 @@ class GPTModel(CausalLM):
             x = block(x, use_cache)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next token's logits
+        elif logits_at is not None:  # (K,): only these tokens' logits (kvlib.Engine)
+            x = x[:, logits_at]  # (B, K, C)
         return self.lm_head(self.ln_f(x))  # (B, T or 1, vocab)
 

@@ -257,7 +257,7 @@ class GptOssModel(CausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
-                check_ids: bool = True) -> Tensor:
+                check_ids: bool = True, logits_at: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if
         ``last_only``. Positions as in ``LlamaModel.forward``."""
         if check_ids:
@@ -270,4 +270,6 @@ class GptOssModel(CausalLM):
             x = layer(x, cos, sin, use_cache)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        elif logits_at is not None:  # (K,): only these tokens' logits (kvlib.Engine)
+            x = x[:, logits_at]  # (B, K, C)
         return self.lm_head(self.norm(x))  # (B, T or 1, vocab)

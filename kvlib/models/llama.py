@@ -369,12 +369,13 @@ class LlamaModel(CausalLM):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, idx: Tensor, use_cache: bool = False, last_only: bool = False,
-                check_ids: bool = True) -> Tensor:
+                check_ids: bool = True, logits_at: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``; ``(B, 1, vocab)`` if ``last_only``.
 
         With ``use_cache`` the tokens continue the cached ones at positions ``self.pos``,
         ``self.pos + 1``, ...; without, they sit at positions 0 .. T-1. ``check_ids=False`` skips
         the range check, for a loop that feeds back tokens the model itself produced.
+        ``logits_at`` ``(K,)``: the logits of those tokens only, ``(B, K, vocab)``.
         """
         if check_ids:
             check_token_ids(idx, self.cfg.vocab_size)
@@ -389,4 +390,6 @@ class LlamaModel(CausalLM):
             x = layer(x, cos, sin, use_cache)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        elif logits_at is not None:  # (K,): only these tokens' logits (kvlib.Engine)
+            x = x[:, logits_at]  # (B, K, C)
         return self.lm_head(self.norm(x))  # (B, T or 1, vocab)

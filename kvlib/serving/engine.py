@@ -75,6 +75,7 @@ class Engine(Books):
         self.history: list[StepRecord] = []
         self.prefill_seconds = 0.0  # time in prefill forwards (prefix hits make it shorter)
         self.decode_seconds = 0.0
+        self.mixed_seconds = 0.0  # time in forwards of decodes and prompt chunks together
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, ids: Tensor | list[int], max_new_tokens: int, arrival_step: int = 0,
@@ -200,8 +201,11 @@ class Engine(Books):
         every row that was already running decodes one token, all of them in one forward."""
         decoding = [r for r in self.requests.values() if r.state == "running"]
         with Stopwatch(self.device) as sw, self._paged():
-            chunks, joined, waiting = self._prefill(self._budget(len(decoding)))
-            self._decode(decoding)
+            if self.max_batched_tokens is None:  # each prompt, then the decodes
+                chunks, joined, waiting = self._prefill(math.inf)
+                self._decode(decoding)
+            else:  # the decodes and the prompt chunks that fit, in one forward
+                chunks, joined, waiting = self._mixed(decoding)
         finished = []
         for r in decoding + [self.requests[i] for i in joined]:
             if self._done(r):
@@ -226,12 +230,15 @@ class Engine(Books):
                                f"{self.max_batched_tokens}: {BUDGET_FIX}")
         return left
 
-    def _prefill(self, budget: float) -> tuple[dict[int, int], list[int], list[int]]:
+    def _prefill(self, budget: float, run: bool = True
+                 ) -> tuple[dict[int, int], list[int], list[int]]:
         """Run prompts within ``budget`` tokens: first the prompts already started, then the
         arrivals, first come first served (one that cannot start holds back those behind it).
         Each chunk runs in a forward of its own, right away, so that a request arriving in the
-        same step finds its full blocks. Returns the chunks ``{request id: tokens}``, the rows
-        that joined (their prompt done) and the arrivals left waiting."""
+        same step finds its full blocks; with ``run=False`` the chunks only get their blocks
+        (and their full ones are findable), for ``_mixed`` to run. Returns the chunks ``{request
+        id: tokens}``, the rows that joined (their prompt done) and the arrivals left
+        waiting."""
         chunks, joined, waiting = {}, [], []
         started = [r for r in self.requests.values() if r.state == "prefilling"]
         arrived = [r for r in self.requests.values() if r.state == "waiting"
@@ -246,8 +253,45 @@ class Engine(Books):
                     continue
                 budget -= take
                 chunks[r.id] = take
-                joined += self._run_chunk(r, take)
-        self.prefill_seconds += sw.seconds
+                if run:
+                    joined += self._run_chunk(r, take)
+                else:
+                    self._writable(r, r.computed + take)
+                    r.computed += take
+                    self._register_prompt(r)  # computed in the same forward, layer by layer
+        if run:
+            self.prefill_seconds += sw.seconds
+        return chunks, joined, waiting
+
+    def _mixed(self, rows: list[Request]) -> tuple[dict[int, int], list[int], list[int]]:
+        """Under a token budget, the step's one forward (vLLM's mixed batch): a token for each
+        decoding row, then the prompt chunks the budget leaves room for, packed into one row
+        ``(1, N)``, each token seeing only its own request's blocks (``PagedBatch.set_packed``).
+        A request that starts in this step may share the full blocks of a chunk in the same
+        forward: every layer writes the new keys before any token reads them. Returns what
+        ``_prefill`` returns."""
+        chunks, _, waiting = self._prefill(self._budget(len(rows)), run=False)
+        if not chunks:  # decodes alone: the batch of rows, each reading its own blocks
+            self._decode(rows)
+            return chunks, [], waiting
+        for r in rows:
+            self._writable(r, r.length + 1)
+        prompts = [self.requests[i] for i in chunks]
+        with Stopwatch(self.device) as sw:
+            runs = [[r.output[-1]] for r in rows] + [
+                r.prompt[r.computed - chunks[r.id] : r.computed] for r in prompts]
+            starts = [r.length for r in rows] + [r.computed - chunks[r.id] for r in prompts]
+            last = self.batch.set_packed([r.blocks for r in rows + prompts], starts,
+                                         [len(t) for t in runs], self.device)
+            ids = torch.tensor([[t for run in runs for t in run]], device=self.device)  # (1, N)
+            at = torch.tensor(last, device=self.device)  # each request's last token
+            logits = self.model(ids, use_cache=True, check_ids=False, logits_at=at)[0]
+            joined = []
+            for j, r in enumerate(prompts, start=len(rows)):
+                if r.computed == len(r.prompt):
+                    joined += self._join(r, logits[j : j + 1])
+            self._pick(rows, logits[: len(rows)])
+        self.mixed_seconds += sw.seconds
         return chunks, joined, waiting
 
     def _run_chunk(self, r: Request, take: int) -> list[int]:
@@ -271,17 +315,22 @@ class Engine(Books):
                 self._writable(r, r.length + 1)
             ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)  # (B, 1)
             logits = self._forward(rows, ids, [r.length for r in rows])  # (B, vocab)
-            searches: dict[int, list[int]] = {}  # a beam search's id -> its rows in the batch
-            for b, r in enumerate(rows):
-                if r.beam_of is None:
-                    r.output.append(r.next_token(logits[b : b + 1]))
-                else:
-                    searches.setdefault(r.beam_of, []).append(b)
-            for at in searches.values():
-                beam = [rows[b] for b in at]
-                scores = torch.tensor([r.score for r in beam], device=self.device)
-                continue_beams(self.pool, beam, *select_beams(logits[at], scores, len(beam)))
+            self._pick(rows, logits)
         self.decode_seconds += sw.seconds
+
+    def _pick(self, rows: list[Request], logits: Tensor) -> None:
+        """Each row's next token from its ``logits`` ``(B, vocab)``; a beam search's rows choose
+        their next beams together."""
+        searches: dict[int, list[int]] = {}  # a beam search's id -> its rows in the batch
+        for b, r in enumerate(rows):
+            if r.beam_of is None:
+                r.output.append(r.next_token(logits[b : b + 1]))
+            else:
+                searches.setdefault(r.beam_of, []).append(b)
+        for at in searches.values():
+            beam = [rows[b] for b in at]
+            scores = torch.tensor([r.score for r in beam], device=self.device)
+            continue_beams(self.pool, beam, *select_beams(logits[at], scores, len(beam)))
 
     def _join(self, head: Request, logits: Tensor) -> list[int]:
         """``head``'s prompt is in the pool: start it and every row waiting for it, each with
