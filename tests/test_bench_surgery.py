@@ -48,3 +48,16 @@ def test_surgery_bench_writes_json_and_its_report(tmp_path, capsys):
             assert 0 < r["blocks_used"] < r["blocks_unshared"] and r["saved_pct"] > 0
     text = capsys.readouterr().out
     assert "## Chunked prefill and shared blocks" in text and "| 8 |" in text
+    assert "p99 / none" in text and "Target: a budget whose p99" in text
+
+
+def test_chunking_pays_needs_both_the_latency_and_the_throughput():
+    from kvlib.bench.surgery import chunking_pays
+
+    def run(p99, tps):
+        return {"p99_itl_ms": p99, "tokens_per_s": tps}
+
+    c = {"runs": {"none": run(20.0, 1000.0), "128": run(12.0, 990.0), "64": run(9.0, 950.0),
+                  "32": run(6.0, 850.0)}}
+    assert chunking_pays(c) == ["64"]  # 128: p99 above half; 32: throughput 15% lower
+    assert chunking_pays(c, throughput=0.8) == ["64", "32"]

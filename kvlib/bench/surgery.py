@@ -173,6 +173,15 @@ def sharing(model_name: str = "mini-llama", prompt_len: int = 200, new_tokens: i
     return out
 
 
+def chunking_pays(c: dict, latency: float = 0.5, throughput: float = 0.9) -> list[str]:
+    """The budgets of a ``chunked_prefill`` run whose p99 inter-token latency is at most
+    ``latency`` times that without a budget, at ``throughput`` times its tokens/s or more."""
+    base = c["runs"]["none"]
+    return [b for b, r in c["runs"].items() if b != "none"
+            and r["p99_itl_ms"] <= latency * base["p99_itl_ms"]
+            and r["tokens_per_s"] >= throughput * base["tokens_per_s"]]
+
+
 def surgery_lines(d: dict) -> list[str]:
     """The Markdown section of a ``surgery`` run: chunked prefill, then sharing."""
     c, s = d["chunked"], d["sharing"]
@@ -183,14 +192,22 @@ def surgery_lines(d: dict) -> list[str]:
              f"{c['threads']} threads; medians of {c['repeats']} runs after {c['warmup']} "
              f"warm-up. Same tokens at every budget: {'yes' if c['same_tokens'] else 'no'}. "
              f"Command: `{d.get('command', 'python -m kvlib.bench surgery')}`", "",
-             "| max_batched_tokens | p50 inter-token ms | p99 | max | long prompt: first "
-             "token ms | tokens/s | steps | most tokens in a step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| max_batched_tokens | p50 inter-token ms | p99 | p99 / none | max | long prompt: "
+             "first token ms | tokens/s | tokens/s / none | steps | most tokens in a step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = c["runs"].get("none")
     for budget, r in c["runs"].items():
-        lines.append(f"| {budget} | {r['p50_itl_ms']:.2f} | {r['p99_itl_ms']:.2f} | "
+        p99_x, tps_x = ((f"{r['p99_itl_ms'] / base['p99_itl_ms']:.2f}x",
+                         f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x") if base else ("", ""))
+        lines.append(f"| {budget} | {r['p50_itl_ms']:.2f} | {r['p99_itl_ms']:.2f} | {p99_x} | "
                      f"{r['max_itl_ms']:.2f} | {r['long_ttft_ms']:.1f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['steps']:.0f} | "
+                     f"{r['tokens_per_s']:.1f} | {tps_x} | {r['steps']:.0f} | "
                      f"{r['max_step_tokens']:.0f} |")
+    if base:
+        good = chunking_pays(c)
+        lines += ["", "Target: a budget whose p99 inter-token latency is at most half that "
+                  "without one, with the throughput within 10%: "
+                  + (f"met at {', '.join(good)}." if good else "**not met** at any budget.")]
     lines += ["", f"Blocks at the peak, a prompt of {s['prompt_len']} tokens and "
               f"{s['new_tokens']} new ones, blocks of {s['block_size']}: held (shared) against "
               "listed by the tables (what separate requests would hold).", "",
