@@ -40,7 +40,6 @@ def _gpt2(model: GPTModel):
     p = next(model.parameters())
     config = hf_config(model.cfg)
     config._attn_implementation = "sdpa"  # the same attention kernel as kvlib
-    config.bos_token_id = config.eos_token_id = min(50256, config.vocab_size - 1)  # small vocabs
     hf = GPT2LMHeadModel(config)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):

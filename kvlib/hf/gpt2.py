@@ -125,9 +125,11 @@ def hf_config(cfg: GPTConfig):
     """The ``transformers.GPT2Config`` of a kvlib ``GPTConfig`` (transformers imported lazily)."""
     from transformers import GPT2Config
 
+    end = min(50256, cfg.vocab_size - 1)  # GPT-2's <|endoftext|>, inside a smaller vocabulary
     return GPT2Config(**{hf: getattr(cfg, name) for name, hf in _CONFIG_FIELDS.items()},
                       activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                      bos_token_id=end, eos_token_id=end)
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
