@@ -334,7 +334,7 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
              window: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, eos_id: int | None = None,
              draft: CausalLM | str | None = None, draft_tokens: int = 4,
-             num_beams: int = 1, **cache_options) -> GenerationResult:
+             num_beams: int = 1, compile: bool = False, **cache_options) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after the prompt ``idx`` ``(B, T)``, or after each of
     a list of 1-D prompts of different lengths (padded on the left, see ``pad_prompts``; every
     prompt gets the tokens it gets alone; the result's ``.sequences`` drop the padding).
@@ -355,7 +355,25 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     result's ``speculation`` says how many drafts were kept.
 
     ``num_beams`` > 1: beam search (``beam_search``); the result holds each prompt's best beam.
+
+    ``compile=True``: the forwards run through ``torch.compile`` (``kvlib.compiling``), the same
+    tokens; the first call compiles (tens of seconds, in ``prefill_time`` and the first step),
+    later calls on the same model reuse it. It pays for small, overhead-bound models.
     """
+    if compile:
+        if num_beams != 1 or draft is not None:
+            raise ValueError("compile=True runs plain decoding: drop draft and num_beams, or "
+                             "compile=False")
+        if cache != "prealloc":
+            raise ValueError(f"compile=True compiles the step of cache='prealloc', whose buffers "
+                             f"keep their shape from step to step, not cache={cache!r} (a "
+                             "cache that changes shape or layout would recompile): use "
+                             "cache='prealloc' or compile=False")
+        from .compiling import compiled, compiling
+
+        with compiling():
+            return generate(compiled(model), idx, max_new_tokens, cache, window, temperature,
+                            top_k, seed, eos_id, **cache_options)
     if num_beams != 1:
         _check_beams(idx, num_beams, temperature, eos_id, draft)
         beams, _, times = beam_search(model, idx, max_new_tokens, num_beams, cache, window,

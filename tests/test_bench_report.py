@@ -57,8 +57,10 @@ def test_compile_verdict_follows_the_numbers():
                 "eager_step_ms": ms(eager), "compiled_step_ms": ms(compiled), "same_tokens": True}
 
     assert "does not pay" in compile_text(record(31.0, 30.5))
-    assert "ships no compile path" in compile_text(record(31.0, 32.0))
+    assert "leave `compile=False`" in compile_text(record(31.0, 32.0))
     assert "pays off: 6.00 ms" in compile_text(record(31.0, 25.0))
+    both = compile_text({"runs": [record(31.0, 25.0), record(31.0, 32.0)]})
+    assert both.count("`generate(..., compile=True)`") == 2 and "\n\n" in both
 
 
 REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",

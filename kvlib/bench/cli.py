@@ -79,7 +79,8 @@ def add_other_parsers(sub) -> None:
     ls.add_argument("--out", default="lockstep.json")
     ls.add_argument("--no-progress", action="store_true")
     co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")
-    co.add_argument("--model", default="gpt2")
+    co.add_argument("--model", type=_csv(str), default=["gpt2"], help="one or more, e.g. "
+                    "mini-llama,gpt2")
     co.add_argument("--new-tokens", type=int, default=100)
     co.add_argument("--threads", type=int, default=2)
     co.add_argument("--out", default="compile.json")
@@ -224,7 +225,8 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def cmd_compile(args: argparse.Namespace, argv: list[str]) -> None:
-    c = compile_check(args.model, args.new_tokens)
+    c = {"runs": [compile_check(m, args.new_tokens) for m in args.model],
+         "command": _command(argv)}
     _write(args.out, c)
     print(compile_text(c))
 

@@ -149,11 +149,15 @@ def in_turns(calls: dict[str, Callable[[], object]], rounds: int, device: torch.
 def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
     """Does ``torch.compile`` pay for the preallocated cache's decode step on this machine?
 
-    The same model run eagerly and through ``torch.compile(model, dynamic=True)`` (the cache's
-    length changes every step), prefill eager, ``n - 1`` greedy decode steps each; the first
-    compiled run includes the compilation. Rounds alternate eager and compiled."""
+    The same model run eagerly and through ``kvlib.compiling.compiled`` (what
+    ``generate(..., compile=True)`` runs: ``torch.compile(model, dynamic=True)``, the caches'
+    counters symbolic), prefill eager, ``n - 1`` greedy decode steps each; the first compiled
+    run includes the compilation. Rounds alternate eager and compiled."""
+    from ..compiling import compiled as compile_model
+    from ..compiling import compiling
+
     model = load_model(preset, seed=123, dtype=torch.float32, device="cpu")
-    compiled = torch.compile(model, dynamic=True)
+    compiled = compile_model(model)
     idx = torch.tensor([PROMPT])
 
     def run(forward) -> tuple[list[float], list[int]]:
@@ -170,14 +174,15 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
         return times, tokens
 
     run(model)  # warm-up
-    with Stopwatch("cpu") as first:
-        _, first_tokens = run(compiled)
-    eager, comp = [], []
-    for _ in range(rounds):
-        times, ref = run(model)
-        eager += times
-        times, tokens = run(compiled)
-        comp += times
+    with compiling():
+        with Stopwatch("cpu") as first:
+            _, first_tokens = run(compiled)
+        eager, comp = [], []
+        for _ in range(rounds):
+            times, ref = run(model)
+            eager += times
+            times, tokens = run(compiled)
+            comp += times
     return {"model": preset, "new_tokens": n, "threads": torch.get_num_threads(),
             "first_run_s": first.seconds, "eager_step_ms": summary([1e3 * t for t in eager]),
             "compiled_step_ms": summary([1e3 * t for t in comp]),

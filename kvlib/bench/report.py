@@ -69,7 +69,8 @@ def command_lines(data: dict) -> list[str]:
     extra = ""
     if data.get("compile"):
         c = data["compile"]
-        extra = (f"python -m kvlib.bench compile --model {c['model']} --new-tokens "
+        extra = (c["command"] + "\n" if "command" in c else
+                 f"python -m kvlib.bench compile --model {c['model']} --new-tokens "
                  f"{c['new_tokens']} --threads {c['threads']} --out benchmarks/compile.json\n")
     if data.get("lockstep"):
         extra += data["lockstep"]["command"] + "\n"
@@ -316,16 +317,22 @@ def gap_text(g: dict, model: str) -> list[str]:
 
 
 def compile_text(c: dict) -> str:
-    """One paragraph: the compiled and eager decode steps, and whether compiling pays."""
+    """One paragraph per model: the compiled and eager decode steps, whether compiling pays."""
+    if "runs" in c:  # several models, one run each
+        return "\n\n".join(compile_text(r) for r in c["runs"])
     e, k = c["eager_step_ms"]["median"], c["compiled_step_ms"]["median"]
     gain = e - k
     if gain > 0.05 * e:
-        verdict = f"pays off: {gain:.2f} ms a step saved"
+        verdict = (f"pays off: {gain:.2f} ms a step saved, which repays the first run's "
+                   f"{c['first_run_s']:.0f} s after about {1e3 * c['first_run_s'] / gain:,.0f} "
+                   "decode steps (a server or a long run; not one short text)")
     else:
         how = "the compiled step is slower" if gain < 0 else "less than 5%, within the noise"
         verdict = (f"does not pay: {gain:+.2f} ms a step ({100 * gain / e:+.1f}%; {how}), so "
-                   "kvlib ships no compile path")
-    return (f"`torch.compile(model, dynamic=True)` on {c['model']} with the preallocated cache, "
+                   "leave `compile=False` for this model")
+    cpu = c.get("environment", {}).get("cpu_model", "this machine")
+    return (f"`generate(..., compile=True)` (`torch.compile(model, dynamic=True)`) on "
+            f"{c['model']} with the preallocated cache, {cpu}, "
             f"{c['new_tokens']} tokens, {c['threads']} thread(s): the first run (compilation "
             f"included; inductor's on-disk cache may shorten it) took {c['first_run_s']:.0f} s; "
             f"then a decode step takes {k:.2f} ms "

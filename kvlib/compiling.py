@@ -1,0 +1,48 @@
+"""An opt-in compiled decode step: ``kvlib.generate(model, ids, n, cache="prealloc",
+compile=True)``.
+
+A small model's decode step is mostly the fixed cost of many small operations (Python, the
+dispatcher, one kernel launch each: ``python -m kvlib.bench profile``), not the arithmetic.
+``torch.compile`` traces the forward once and fuses those operations into a few generated
+kernels. Two settings make one graph serve every step: ``dynamic=True`` (the number of cached
+tokens, hence the attention's shapes, changes at every step) and dynamo's
+``allow_unspec_int_on_nn_module`` (the caches' counters are plain ints on modules, which dynamo
+would otherwise bake into the graph as constants and recompile for at every step).
+
+Compiling costs tens of seconds the first time; it pays where a step is overhead-bound (the
+trained minis) and not where it is weight-bound (GPT-2 124M reads 0.5 GB of weights a step
+either way): ``python -m kvlib.bench compile`` measures both, and the compile time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .models import CausalLM
+
+_COMPILED: weakref.WeakKeyDictionary[CausalLM, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def compiled(model: CausalLM) -> nn.Module:
+    """``torch.compile(model, dynamic=True)``, made once per model and kept while the model
+    lives; it reads and writes the model's own weights and caches (attributes go through to
+    ``model``). Call it inside ``compiling()``."""
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"compile=True takes a kvlib model, got {type(model).__name__}")
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """The dynamo settings under which ``compiled`` models trace: the caches' int counters
+    stay symbolic instead of being baked into the graph."""
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True,
+                                    force_nn_module_property_static_shapes=False):
+        yield

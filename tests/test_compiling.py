@@ -1,0 +1,34 @@
+"""generate(..., compile=True): the forwards through torch.compile give the tokens of eager
+decoding, for both families, and the compiled model is kept for the next call."""
+
+import pytest
+import torch
+
+import kvlib
+from kvlib.compiling import _COMPILED
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_compiled_decoding_gives_the_tokens_of_eager_decoding(make_model, make_llama, preset):
+    model = (make_model if preset == "tiny" else make_llama)(preset, seed=0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9),
+                        generator=torch.Generator().manual_seed(0))
+    eager = kvlib.generate(model, ids, 10, cache="prealloc")
+    first = kvlib.generate(model, ids, 10, cache="prealloc", compile=True)
+    assert torch.equal(first.tokens, eager.tokens)
+    kept = _COMPILED[model]
+    again = kvlib.generate(model, ids[:, :5], 14, cache="prealloc", compile=True)
+    assert _COMPILED[model] is kept  # one compiled model per model
+    assert torch.equal(again.tokens, kvlib.generate(model, ids[:, :5], 14,
+                                                    cache="prealloc").tokens)
+    assert model.caches[0].get_seq_length() == 5 + 14 - 1  # the model's own caches were used
+
+
+def test_compile_refuses_what_it_does_not_compile(tiny):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="cache='prealloc'"):
+        kvlib.generate(tiny, ids, 4, cache="concat", compile=True)
+    with pytest.raises(ValueError, match="plain decoding"):
+        kvlib.generate(tiny, ids, 4, cache="prealloc", draft="lookup", compile=True)
