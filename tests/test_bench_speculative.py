@@ -27,3 +27,19 @@ def test_latent_bench_times_both_modes_and_checks_their_tokens(one_thread):
     assert all(r["same_tokens"] and r["naive_ms"] > 0 and r["absorb_ms"] > 0 for r in d["rows"])
     assert d["rows"][1]["cache_bytes"] > d["rows"][0]["cache_bytes"]
     assert len(latent_lines(d)) == 6 + 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_report_says_what_a_round_costs_and_must_commit(one_thread):
+    d = speculative("mini-llama", "mini-llama-draft", prompts=1, prompt_len=24, new_tokens=6,
+                    draft_tokens=3, repeats=1, warmup=0, hf=False, progress=False)
+    c = d["costs"]
+    assert set(c) == {"model_step_ms", "draft_step_ms", "verify_ms"}
+    assert all(v > 0 for v in c.values())
+    from kvlib.bench.speculative import round_cost
+
+    assert round_cost(d, "lookup") == pytest.approx(c["verify_ms"] / c["model_step_ms"])
+    assert round_cost(d, "draft model") == pytest.approx(
+        (3 * c["draft_step_ms"] + c["verify_ms"]) / c["model_step_ms"])
+    text = "\n".join(speculative_lines(d))
+    assert "Why, measured" in text and "| draft model |" in text.split("Why, measured")[1]

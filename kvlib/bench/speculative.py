@@ -60,6 +60,34 @@ def _hf(hf, prompts, n, **kw) -> tuple[float, list[torch.Tensor]]:
     return seconds, out
 
 
+def step_costs(model, draft, prompt: torch.Tensor, k: int, repeats: int = 30,
+               warmup: int = 5) -> dict:
+    """Median ms of the three forwards a round is made of, after ``prompt``'s prefill, taking
+    turns: the model's decode step (what plain decoding pays a token), the draft's decode step,
+    and the model's verification of ``k`` drafts (one forward over ``k + 1`` tokens, then the
+    rollback)."""
+    L = prompt.shape[1]
+    for m in (model, draft):
+        m.set_kv_cache("prealloc", max_len=L + k + 2)
+    times = {"model_step_ms": [], "draft_step_ms": [], "verify_ms": []}
+    x = prompt[:, -(k + 1):]
+    with torch.inference_mode():
+        for m in (model, draft):
+            m(prompt, use_cache=True, last_only=True)
+        for i in range(warmup + repeats):
+            for name, m, ids in (("model_step_ms", model, x[:, :1]),
+                                 ("draft_step_ms", draft, x[:, :1]),
+                                 ("verify_ms", model, x)):
+                with Stopwatch() as sw:
+                    m(ids, use_cache=True, check_ids=False)
+                m.crop_kv_cache(L)
+                if i >= warmup:
+                    times[name].append(1e3 * sw.seconds)
+    for m in (model, draft):
+        m.reset_kv_cache()
+    return {name: median(t) for name, t in times.items()}
+
+
 def speculative(model_name: str = "mini-llama", draft_name: str | None = "mini-llama-draft",
                 prompts: int = 8, prompt_len: int = 128, new_tokens: int = 128,
                 draft_tokens: int = 4, repeats: int = 3, warmup: int = 1, hf: bool = True,
@@ -111,9 +139,55 @@ def speculative(model_name: str = "mini-llama", draft_name: str | None = "mini-l
     for ours, theirs in (("lookup", "hf lookup"), ("draft model", "hf draft model")):
         if ours in rows and theirs in rows:
             rows[ours]["vs_hf"] = rows[ours]["tokens_per_s"] / rows[theirs]["tokens_per_s"]
+    costs = step_costs(model, draft, work[0], k) if draft is not None else None
     return {"kind": "speculative", "model": model_name, "draft": draft_name, "prompts": prompts,
             "prompt_len": prompt_len, "new_tokens": n, "draft_tokens": k, "repeats": repeats,
-            "warmup": warmup, "variants": rows, "environment": environment_info()}
+            "warmup": warmup, "variants": rows, "costs": costs, "environment": environment_info()}
+
+
+def round_cost(d: dict, variant: str) -> float | None:
+    """What one round costs, in the model's decode steps: the verification, and for the draft
+    model its ``k`` steps (prompt lookup's search is no forward)."""
+    c, k = d.get("costs"), d["draft_tokens"]
+    if not c:
+        return None
+    drafting = k * c["draft_step_ms"] if variant == "draft model" else 0.0
+    return (drafting + c["verify_ms"]) / c["model_step_ms"]
+
+
+def why_lines(d: dict, target: float = 1.3) -> list[str]:
+    """Why a draft wins or loses, measured: a round's cost against the tokens it commits."""
+    c = d.get("costs")
+    if not c:
+        return []
+    k = d["draft_tokens"]
+    lines = ["", f"Why, measured (medians after the prompt): the model's decode step takes "
+             f"{c['model_step_ms']:.2f} ms, the draft's {c['draft_step_ms']:.2f} ms "
+             f"({c['draft_step_ms'] / c['model_step_ms']:.2f} of it: a small model's step is "
+             f"mostly fixed cost per layer and call, not its weights), and verifying {k} drafts "
+             f"(one forward over {k + 1} tokens) {c['verify_ms']:.2f} ms. Speculation runs at "
+             "about (tokens a round commits) / (a round's cost in model steps) times plain:", "",
+             "| variant | a round costs (model steps) | tokens a round commits | their ratio | "
+             f"tokens a round must commit for {target}x |", "|---|---:|---:|---:|---:|"]
+    for v in ("lookup", "draft model"):
+        r = d["variants"].get(v)
+        cost = round_cost(d, v)
+        if r is None or cost is None or "tokens_per_round" not in r:
+            continue
+        lines.append(f"| {v} | {cost:.2f} | {r['tokens_per_round']:.2f} | "
+                     f"{r['tokens_per_round'] / cost:.2f}x | {target * cost:.2f} |")
+    r = d["variants"].get("draft model")
+    if r and "tokens_per_round" in r:
+        verify = c["verify_ms"] / c["model_step_ms"]
+        need = (r["tokens_per_round"] / target - verify) / k  # the draft step that would do
+        must = target * round_cost(d, "draft model")
+        lines += ["", f"A round commits at most {k + 1} tokens. At the draft's measured cost "
+                  f"{target}x needs {must:.2f} a round ({must / (k + 1):.0%} of that most); at "
+                  f"the {r['tokens_per_round']:.2f} its acceptance gives, it needs a draft step of "
+                  + (f"at most {need:.2f} of the model's (measured: "
+                     f"{c['draft_step_ms'] / c['model_step_ms']:.2f})." if need > 0 else
+                     "less than nothing: the verification alone costs more.")]
+    return lines
 
 
 def speculative_lines(d: dict) -> list[str]:
@@ -134,4 +208,4 @@ def speculative_lines(d: dict) -> list[str]:
         vs_hf = "" if "vs_hf" not in r else f"{r['vs_hf']:.2f}x"
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['vs_plain']:.2f}x | {vs_hf} | "
                      f"{acc} | {per} | {r['same_as_plain']}/{d['prompts']} |")
-    return lines
+    return lines + why_lines(d)
