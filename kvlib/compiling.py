@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .caches import STRATEGIES, strategy
 from .models import CausalLM
 
 _COMPILED: weakref.WeakKeyDictionary[CausalLM, nn.Module] = weakref.WeakKeyDictionary()
@@ -46,3 +47,17 @@ def compiling() -> Iterator[None]:
     with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True,
                                     force_nn_module_property_static_shapes=False):
         yield
+
+
+def check_compilable(cache: str | None, draft: object, num_beams: int) -> None:
+    """A clear error for what ``compile=True`` does not compile: caches whose buffers change
+    shape or layout from step to step (they would recompile; ``Traits.compiles``), drafts and
+    beams."""
+    if num_beams != 1 or draft is not None:
+        raise ValueError("compile=True runs plain decoding: drop draft and num_beams, or "
+                         "compile=False")
+    if cache is None or cache not in STRATEGIES or not strategy(cache).traits.compiles:
+        fixed = [n for n, c in STRATEGIES.items() if c.traits.compiles]
+        raise ValueError(f"compile=True compiles caches whose buffers keep their shape from "
+                         f"step to step, {fixed}, not cache={cache!r} (it would recompile): use "
+                         f"one of those or compile=False")

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .caches import STRATEGIES, strategy
 from .caches.registry import parameters
+from .compiling import check_compilable, compiled, compiling
 from .models import CausalLM, check_token_ids
 from .sampling import sample
 from .speculative import DraftModel, PromptLookup, Sampling, check_draft, speculate
@@ -356,21 +357,11 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
 
     ``num_beams`` > 1: beam search (``beam_search``); the result holds each prompt's best beam.
 
-    ``compile=True``: the forwards run through ``torch.compile`` (``kvlib.compiling``), the same
-    tokens; the first call compiles (tens of seconds, in ``prefill_time`` and the first step),
-    later calls on the same model reuse it. It pays for small, overhead-bound models.
+    ``compile=True``: the forwards through ``torch.compile`` (``kvlib.compiling``), the same
+    tokens; the first call compiles (tens of seconds), later ones reuse it.
     """
     if compile:
-        if num_beams != 1 or draft is not None:
-            raise ValueError("compile=True runs plain decoding: drop draft and num_beams, or "
-                             "compile=False")
-        if cache != "prealloc":
-            raise ValueError(f"compile=True compiles the step of cache='prealloc', whose buffers "
-                             f"keep their shape from step to step, not cache={cache!r} (a "
-                             "cache that changes shape or layout would recompile): use "
-                             "cache='prealloc' or compile=False")
-        from .compiling import compiled, compiling
-
+        check_compilable(cache, draft, num_beams)
         with compiling():
             return generate(compiled(model), idx, max_new_tokens, cache, window, temperature,
                             top_k, seed, eos_id, **cache_options)

@@ -46,6 +46,7 @@ class Traits:
     reuses_slots: bool = False  # a slot's position is not its index (a ring): see slot_positions
     takes_padding: bool = False  # works for a left-padded batch (rows at different positions)
     rolls_back: bool = True  # crop(n) works whenever asked (speculative decoding's rejections)
+    compiles: bool = False  # buffers of one shape every step: one torch.compile graph serves
 
 
 class KVCache(nn.Module):

@@ -83,7 +83,7 @@ class PreallocCache(KVCache):
     """Buffers for ``max_len`` tokens allocated once; each step writes into the next slice."""
 
     name = "prealloc"
-    traits = Traits(takes_padding=True)
+    traits = Traits(takes_padding=True, compiles=True)
 
     def __init__(self, max_len: int) -> None:
         super().__init__()
