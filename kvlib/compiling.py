@@ -2,10 +2,10 @@
 compile=True)``.
 
 A small model's decode step is mostly the fixed cost of many small operations (Python, the
-dispatcher, one kernel launch each: ``python -m kvlib.bench profile``), not the arithmetic.
-``torch.compile`` traces the forward once and fuses those operations into a few generated
-kernels. Two settings make one graph serve every step: ``dynamic=True`` (the number of cached
-tokens, hence the attention's shapes, changes at every step) and dynamo's
+dispatcher, one kernel launch each: ``kvlib.bench.profiling.profile_decode_step``), not the
+arithmetic. ``torch.compile`` traces the forward once and fuses those operations into a few
+generated kernels. Two settings make one graph serve every step: ``dynamic=True`` (the number
+of cached tokens, hence the attention's shapes, changes at every step) and dynamo's
 ``allow_unspec_int_on_nn_module`` (the caches' counters are plain ints on modules, which dynamo
 would otherwise bake into the graph as constants and recompile for at every step).
 

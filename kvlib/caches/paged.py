@@ -124,10 +124,10 @@ class PagedBatch:
         bs = self.block_size
         table = torch.tensor([b for t in tables for b in t], device=device)  # every request's
         first = torch.tensor([0] + [len(t) * bs for t in tables], device=device).cumsum(0)
-        owner = torch.repeat_interleave(torch.arange(len(tables), device=device),
-                                        torch.tensor(counts, device=device))  # (N,) its request
-        run = torch.arange(len(owner), device=device) - torch.tensor(
-            [0] + counts, device=device).cumsum(0)[owner]  # (N,) its index in its request's run
+        count = torch.tensor(counts, device=device)
+        owner = torch.repeat_interleave(torch.arange(len(tables), device=device), count)  # (N,)
+        ends = count.cumsum(0)  # where each request's run of tokens ends in the row
+        run = torch.arange(len(owner), device=device) - (ends - count)[owner]  # (N,) its index
         positions = torch.tensor(starts, device=device)[owner] + run  # (N,)
         at = first[owner] + positions  # its slot in the gathered keys
         self.tables = table[None]  # (1, n): one row of every request's blocks
@@ -135,7 +135,7 @@ class PagedBatch:
         self.write_at = table[at // bs] * bs + positions % bs  # (N,) the slot of the storage
         slot = torch.arange(len(table) * bs, device=device)
         self.mask = ((slot >= first[owner][:, None]) & (slot <= at[:, None]))[None, None]
-        return torch.tensor(counts).cumsum(0).sub(1).tolist()
+        return (ends - 1).tolist()
 
 
 class RowPager:

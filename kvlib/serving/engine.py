@@ -253,12 +253,9 @@ class Engine(Books):
                     continue
                 budget -= take
                 chunks[r.id] = take
+                start = self._claim_chunk(r, take)
                 if run:
-                    joined += self._run_chunk(r, take)
-                else:
-                    self._writable(r, r.computed + take)
-                    r.computed += take
-                    self._register_prompt(r)  # computed in the same forward, layer by layer
+                    joined += self._run_chunk(r, start)
         if run:
             self.prefill_seconds += sw.seconds
         return chunks, joined, waiting
@@ -294,15 +291,21 @@ class Engine(Books):
         self.mixed_seconds += sw.seconds
         return chunks, joined, waiting
 
-    def _run_chunk(self, r: Request, take: int) -> list[int]:
-        """The next ``take`` prompt tokens of ``r`` in one forward ``(1, take)``; if that was
-        the last of its prompt, it joins (``_join``). Returns the rows that joined."""
+    def _claim_chunk(self, r: Request, take: int) -> int:
+        """Give the next ``take`` prompt tokens of ``r`` their blocks and count them computed,
+        its full blocks findable by requests arriving after (the forward that computes them
+        runs before any later forward reads them); where the chunk starts."""
         start = r.computed
         self._writable(r, start + take)
-        ids = torch.tensor([r.prompt[start : start + take]], device=self.device)
-        logits = self._forward([r], ids, [start])  # (1, vocab)
         r.computed += take
-        self._register_prompt(r)  # its full blocks, for requests arriving after
+        self._register_prompt(r)
+        return start
+
+    def _run_chunk(self, r: Request, start: int) -> list[int]:
+        """The claimed chunk of ``r`` from ``start`` in one forward ``(1, take)``; if that was
+        the last of its prompt, it joins (``_join``). Returns the rows that joined."""
+        ids = torch.tensor([r.prompt[start : r.computed]], device=self.device)
+        logits = self._forward([r], ids, [start])  # (1, vocab)
         return self._join(r, logits) if r.computed == len(r.prompt) else []
 
     def _decode(self, rows: list[Request]) -> None:
