@@ -185,17 +185,18 @@ def test_rope_scores_depend_only_on_distance():
     assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
 
 
-# --- past the context: a warning, once; the RoPE table grows ------------------------------------
+# --- past the context: a warning, once; the RoPE table stays bounded ------------------------------
 
 
-def test_past_context_warns_once_and_the_table_grows(make_llama):
+def test_past_context_warns_once_and_the_table_stays_bounded(make_llama):
     short = make_llama("tiny-llama", context_length=32)
     long = make_llama("tiny-llama", context_length=256)  # same seed: the same weights
     prompt = ids((1, 20), seed=9)
     with pytest.warns(UserWarning) as record:
         out = kvlib.generate(short, prompt, max_new_tokens=40, cache="concat")
     assert [str(w.message)[:38] for w in record] == ["position 32 is past the 32 tokens this"]
-    assert short.rope.cos.shape[0] == 64  # doubled
+    assert short.rope.cos.shape[0] == 32  # the trained positions only
+    assert short.rope._pages[1].shape[0] == 32  # the page of positions 32..63
     ref = kvlib.generate(long, prompt, max_new_tokens=40, cache="concat")
     assert torch.equal(out.tokens, ref.tokens)
     with warnings.catch_warnings():
@@ -204,6 +205,31 @@ def test_past_context_warns_once_and_the_table_grows(make_llama):
             kvlib.generate(short, out.tokens, max_new_tokens=5, cache=cache, window=window)
         with torch.no_grad():
             torch.testing.assert_close(short(out.tokens), long(out.tokens), atol=1e-5, rtol=0)
+
+
+def test_positions_past_the_table_get_the_numbers_a_longer_table_gives(make_llama):
+    short = make_llama("tiny-llama", context_length=32)
+    long = make_llama("tiny-llama", context_length=256)
+    like = torch.zeros(1)
+    for start, T in [(40, 1), (63, 2), (31, 5), (0, 200), (190, 10)]:  # across page edges too
+        cos, sin = short.rope(start, T, like)
+        assert torch.equal(cos, long.rope.cos[start : start + T])
+        assert torch.equal(sin, long.rope.sin[start : start + T])
+    rows = torch.tensor([[3, 4], [100, 101]])  # a batch whose rows sit far apart
+    assert torch.equal(short.rope.at(rows, like)[0], long.rope.cos[rows][:, None])
+
+
+def test_a_stream_with_sinks_holds_bounded_rope_numbers(make_llama):
+    model = make_llama("tiny-llama", context_length=32)
+    model.set_kv_cache("sinks", window=12, n_sink=4)
+    held = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # past the trained context, on purpose
+        for t in range(400):  # 12 times the context
+            model(torch.tensor([[t % 50]]), use_cache=True)
+            pages = model.rope._pages
+            held.append(model.rope.cos.numel() + (0 if pages is None else pages[1].numel()))
+    assert model.rope.cos.shape[0] == 32 and max(held) == 2 * 32 * model.cfg.head_dim
 
 
 def test_prealloc_still_says_it_is_full(models):

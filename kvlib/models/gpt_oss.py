@@ -142,12 +142,11 @@ class YarnRotaryEmbedding(RotaryEmbedding):
         keep = 1 - ramp  # 1: the fast dimensions, kept; 0: the slow ones, interpolated
         return 1.0 / (s.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
 
-    def build(self, positions: int, device: torch.device | str | None = None,
-              dtype: torch.dtype = torch.float32) -> None:
-        super().build(positions, device)  # float32
+    def angles(self, lo: int, hi: int, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        cos, sin = super().angles(lo, hi, device)  # float32
         f = 1.0 if self.scaling is None else self.scaling.attention_factor
-        self.cos, self.sin = (self.cos * f).to(dtype), (self.sin * f).to(dtype)
-        self._exact = self.cos
+        return (cos * f).to(dtype), (sin * f).to(dtype)
 
 
 class OssAttention(SinkAttention):

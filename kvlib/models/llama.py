@@ -11,14 +11,11 @@ What changes against GPT-2 (``gpt2.py``), one idea at a time:
   the saving (``n_kv_heads = 1`` is multi-query attention, ``= n_heads`` plain multi-head).
 - **RMSNorm** (no mean, no bias), a **SwiGLU** MLP, no biases anywhere, an output head that is
   tied to the token embedding or not (``tie_embeddings``).
-- **Qwen3** adds ``qk_norm``: an RMSNorm over each head's query and key before the rotation.
-- **gpt-oss** adds ``attn_sinks``: each query head learns one logit that joins its scores in the
-  softmax and is dropped after it (``SinkAttention``), so a head may attend to nothing at all.
+- **Qwen3** adds ``qk_norm``; **gpt-oss** ``attn_sinks``, a learned logit per query head in the
+  softmax (``SinkAttention``), so a head may attend to nothing at all.
 
-Module names are Hugging Face's (``embed_tokens``, ``layers.0.self_attn.q_proj``, ``norm``,
-``lm_head``), so a checkpoint's state dict maps 1:1 once its ``model.`` prefix is dropped (see
-``kvlib.hf.llama``); the rotation follows transformers' ``rotate_half`` convention.
-"""
+Module names are Hugging Face's, so a checkpoint maps 1:1 (``kvlib.hf.llama``); the rotation
+follows transformers' ``rotate_half`` convention."""
 
 from __future__ import annotations
 
@@ -155,35 +152,27 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | N
     """The ``head_dim / 2`` rotation speeds (radians per position), float32, as transformers
     computes them: ``theta ** (-2i / head_dim)``, then Llama 3's scaling if given."""
     inv_freq = 1.0 / (float(theta) ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    if scaling is None:
+    if (s := scaling) is None:
         return inv_freq
-    s = scaling
     wavelen = 2 * math.pi / inv_freq
     low_freq_wavelen = s.original_context_length / s.low_freq_factor  # longer: slowed down
     high_freq_wavelen = s.original_context_length / s.high_freq_factor  # shorter: unchanged
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
+    smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                                                           - s.low_freq_factor)
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(between, blended, scaled)
 
 
 class RotaryEmbedding(nn.Module):
-    """The cos/sin table of every position, ``(positions, head_dim)``: computed in float32 as
-    transformers does, stored in the model's dtype, sliced by each forward.
-
-    It covers ``context_length`` positions and grows (doubling) when a call reaches past them,
-    instead of failing. The tables are buffers, so ``model.to(...)`` moves them; a table that was
-    cast (bfloat16 to float32 would keep bfloat16's rounding) or moved is recomputed exactly at the
-    next forward, in the dtype and on the device of the hidden states.
-    """
+    """cos/sin ``(context_length, head_dim)`` of the trained positions (float32 math, the model's
+    dtype; a cast or moved table is recomputed). Past them only the last call's pages of
+    ``context_length`` positions are kept, so a stream with sinks holds bounded memory."""
 
     def __init__(self, head_dim: int, theta: float, context_length: int,
                  scaling: Llama3RopeScaling | None = None) -> None:
-        """The table of ``head_dim`` rotated channels (a Llama head's all; DeepSeek's latent
-        attention rotates only ``qk_rope_head_dim`` of them) for ``context_length`` positions."""
-        super().__init__()
+        super().__init__()  # head_dim rotated channels (DeepSeek: only qk_rope_head_dim)
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.register_buffer("cos", None, persistent=False)  # (positions, D)
         self.register_buffer("sin", None, persistent=False)
@@ -191,37 +180,53 @@ class RotaryEmbedding(nn.Module):
 
     def build(self, positions: int, device: torch.device | str | None = None,
               dtype: torch.dtype = torch.float32) -> None:
-        """Compute the table of ``positions`` positions (loading calls it to replace the table of
-        a model built on the meta device)."""
+        """The table of ``positions`` positions (loading rebuilds a meta model's)."""
+        self.cos, self.sin = self.angles(0, positions, device, dtype)
+        self._exact = self.cos  # a .to() that casts or moves the buffer replaces this tensor
+        self._pages: tuple[tuple, Tensor, Tensor] | None = None  # (key, cos, sin) past the table
+
+    def angles(self, lo: int, hi: int, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor even in generate
             inv_freq = self.inv_freq if device is None else self.inv_freq.to(device)
-            pos = torch.arange(positions, device=inv_freq.device).float()
+            pos = torch.arange(lo, hi, device=inv_freq.device).float()
             freqs = pos[:, None] * inv_freq[None, :]  # (positions, D/2)
             angles = torch.cat([freqs, freqs], dim=-1)  # (positions, D): rotate_half's layout
-            self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        self._exact = self.cos  # a .to() that casts or moves the buffer replaces this tensor
+            return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @property
     def inv_freq(self) -> Tensor:
-        """The ``(D/2,)`` rotation frequencies (float32, on the CPU): what a cache needs to move a
-        cached key to another position (``kvlib.caches.streaming``)."""
+        """The ``(D/2,)`` frequencies (float32, CPU): what the sink cache moves keys with."""
         return rope_frequencies(self.head_dim, self.theta, self.scaling)
+
+    def _table(self, like: Tensor) -> int:  # its length, recomputed if it was cast or moved
+        if self.cos is not self._exact or self.cos.dtype != like.dtype \
+                or self.cos.device != like.device:
+            self.build(self.cos.shape[0], like.device, like.dtype)
+        return self.cos.shape[0]
+
+    def _past(self, lo: int, hi: int, like: Tensor) -> tuple[int, Tensor, Tensor]:
+        """(first position, cos, sin) of the whole pages of positions ``lo .. hi - 1``."""
+        n = self.cos.shape[0]  # a page: as many positions as the table
+        first, last = lo // n * n, ((hi - 1) // n + 1) * n
+        key = (first, last, like.dtype, like.device)
+        if self._pages is None or self._pages[0] != key:
+            self._pages = (key, *self.angles(first, last, like.device, like.dtype))
+        return first, self._pages[1], self._pages[2]
 
     def forward(self, start: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``, in ``like``'s dtype."""
-        end, n, cos = start + T, self.cos.shape[0], self.cos
-        if end > n or cos is not self._exact or cos.dtype != like.dtype \
-                or cos.device != like.device:
-            self.build(max(end, 2 * n) if end > n else n, like.device, like.dtype)
-        return self.cos[start:end], self.sin[start:end]
-
+        if (end := start + T) <= self._table(like):
+            return self.cos[start:end], self.sin[start:end]
+        first, cos, sin = self._past(start, end, like)
+        return cos[start - first : end - first], sin[start - first : end - first]
 
     def at(self, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin ``(B, 1, T, D)`` of per-row positions ``(B, T)`` (rows of a batch that
-        sit at different positions), in ``like``'s dtype."""
-        top = int(positions.max()) + 1
-        self.forward(0, top, like)  # builds (or grows) the table as a slice would
-        return self.cos[positions][:, None], self.sin[positions][:, None]
+        """cos and sin ``(B, 1, T, D)`` of per-row positions ``(B, T)``."""
+        if (top := int(positions.max()) + 1) <= self._table(like):
+            return self.cos[positions][:, None], self.sin[positions][:, None]
+        first, cos, sin = self._past(int(positions.min()), top, like)
+        return cos[positions - first][:, None], sin[positions - first][:, None]
 
 
 class RMSNorm(nn.Module):
