@@ -9,6 +9,10 @@ The checks, in order: the interface; ``update`` on its own (a prefill, then one 
 keys come back, and are they the stored ones); ``get_seq_length`` and ``reset``; greedy tokens
 equal to recomputation and teacher-forced logits within a tolerance, for prompts around the
 window's edges when the cache has a window; and ``nbytes`` against the bytes it should hold.
+
+A sink cache (``n_sink=``) computes, once full, a model of its own: its reference is kvlib's
+``SinkCache`` (itself checked against attention written out pair by pair, tests/test_streaming.py),
+on a small Llama, since sinks move keys with RoPE.
 """
 
 from __future__ import annotations
@@ -22,16 +26,22 @@ from torch import Tensor
 
 from .caches import KVCache, LayerSpec
 from .caches.registry import parameters
-from .generate import generate
+from .generate import generate, prefill
 from .loading import load_model
-from .models import CausalLM, GPTConfig
+from .models import CausalLM, GPTConfig, LlamaConfig
+from .models.llama import rope_frequencies
 
 # The model every check runs on: GPT-2's architecture cut to 2 layers of 2 heads of 16 numbers,
 # with a 512-token vocabulary (no preset is this small: the logits of GPT-2's 50,257 tokens would
 # cost more than the whole model, and the bytes each check prints follow from these shapes).
 CHECK_MODEL = GPTConfig(vocab_size=512, context_length=512, emb_dim=32, n_heads=2, n_layers=2)
+# Sinks move keys with RoPE: the same sizes in the Llama family (one key/value head per two).
+CHECK_ROPE_MODEL = LlamaConfig(vocab_size=512, context_length=512, emb_dim=32, n_heads=2,
+                               n_kv_heads=1, n_layers=2, ffn_dim=64, head_dim=16,
+                               rope_theta=10000.0)
 
 TOLERANCE = 1e-5  # teacher-forced logits, float32, against recomputation
+SINK_TOLERANCE = 1e-4  # against kvlib's SinkCache: a sink moved another way rounds otherwise
 
 
 class CacheCheckError(AssertionError):
@@ -45,13 +55,13 @@ class Check:
 
 
 def check_cache(cache_cls: type, *, window: int | None = None, max_len: int = 64,
-                verbose: bool = True) -> list[Check]:
+                n_sink: int | None = None, verbose: bool = True) -> list[Check]:
     """Check a cache class (a ``kvlib.KVCache`` subclass, built as a model builds it, with no
-    option, ``max_len=`` or ``window=`` as its ``__init__`` or ``for_layer`` asks). Prints a
-    line per passed check when ``verbose``; raises ``CacheCheckError`` with a hint at the first
-    failure; returns the checks that passed."""
-    make = _Maker(cache_cls, window, max_len)
-    W = getattr(make(), "window", None)
+    option, ``max_len=`` or ``window=`` as its ``__init__`` or ``for_layer`` asks; ``n_sink=``
+    with ``window=`` for a sink cache). Prints a line per passed check when ``verbose``; raises
+    ``CacheCheckError`` with a hint at the first failure; returns the checks that passed."""
+    make = _Maker(cache_cls, window, max_len, n_sink)
+    W = make.sinks.capacity if make.sinks else getattr(make(), "window", None)
     passed: list[Check] = []
 
     def run(name: str, fn: Callable[[], str]) -> None:
@@ -63,7 +73,7 @@ def check_cache(cache_cls: type, *, window: int | None = None, max_len: int = 64
     run("interface", lambda: _check_interface(make))
     run("update", lambda: _check_update(make, W))
     run("reset", lambda: _check_reset(make))
-    model = _model()
+    model = _model(rope=make.sinks is not None)
     for prompt_len in _prompt_lengths(W):
         run(f"tokens, prompt of {prompt_len}",
             lambda n=prompt_len: _check_tokens(model, make, W, n))
@@ -82,15 +92,24 @@ class _Maker:
     ``update`` and ``reset``), ``make.for_model(model)`` one per layer from the model's layer
     specs (``for_layers``: a strategy whose layers share one storage, "paged", gets one)."""
 
-    def __init__(self, cache_cls: type, window: int | None, max_len: int) -> None:
+    def __init__(self, cache_cls: type, window: int | None, max_len: int,
+                 n_sink: int | None = None) -> None:
         self.built = isinstance(cache_cls, type) and issubclass(cache_cls, KVCache)
         params = parameters(cache_cls) if self.built else inspect.signature(cache_cls).parameters
         self.options = ({"window": window or 8} if "window" in params
                         else {"max_len": max_len} if "max_len" in params else {})
+        if n_sink is not None:
+            if "n_sink" not in params or "window" not in params:
+                _fail(f"n_sink= checks a sink cache, but {cache_cls.__name__} takes no n_sink "
+                      "and window: subclass kvlib.SinkCache, whose __init__ takes them")
+            self.options["n_sink"] = n_sink
+        # the options as kvlib's own sink cache takes them: the reference of a sink cache
+        self.sinks = _Sinks(self.options["window"], n_sink) if n_sink is not None else None
         self.cls, self.max_len = cache_cls, max_len
 
     def __call__(self) -> KVCache:
-        spec = LayerSpec(n_kv_heads=2, head_dim=4, context_length=self.max_len)  # as _kv's
+        spec = LayerSpec(n_kv_heads=2, head_dim=4, context_length=self.max_len,  # as _kv's
+                         inv_freq=rope_frequencies(4, 10000.0))
         return self._for_specs([spec])[0]
 
     def for_model(self, model: CausalLM) -> list[KVCache]:
@@ -100,6 +119,17 @@ class _Maker:
         if self.built:
             return self.cls.for_layers(specs, **self.options)
         return [self.cls(**self.options) for _ in specs]  # not a KVCache: the interface says
+
+
+@dataclass
+class _Sinks:
+    window: int
+    n_sink: int
+
+    capacity = property(lambda self: self.n_sink + self.window)
+
+    def reference(self) -> dict:  # what generate takes for kvlib's sink cache
+        return {"cache": "sinks", "window": self.window, "n_sink": self.n_sink}
 
 
 def _fail(message: str) -> None:
@@ -173,9 +203,10 @@ def _check_reset(make: _Maker) -> str:
     return "a reset cache starts a new text from nothing"
 
 
-def _model() -> CausalLM:
-    """``CHECK_MODEL`` with seeded random weights, through the one loader."""
-    return load_model(CHECK_MODEL, seed=0)
+def _model(rope: bool = False) -> CausalLM:
+    """``CHECK_MODEL`` (``CHECK_ROPE_MODEL`` for sinks) with seeded random weights, through the
+    one loader."""
+    return load_model(CHECK_ROPE_MODEL if rope else CHECK_MODEL, seed=0)
 
 
 def _prompt_lengths(W: int | None) -> list[int]:
@@ -192,7 +223,7 @@ def _fresh(model: CausalLM, make: _Maker) -> list[KVCache]:
 def _cached_tokens(model: CausalLM, caches: list[KVCache], prompt: Tensor,
                    n: int) -> list[int]:
     with model.using(caches):
-        logits = model(prompt, use_cache=True)[:, -1]
+        logits = prefill(model, prompt)  # as generate feeds it (a full sink cache: one a call)
         out = []
         for _ in range(n):
             nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
@@ -206,15 +237,20 @@ def _check_tokens(model: CausalLM, make: _Maker, W: int | None,
     n = 2 * (W or 8) + 4  # decode well past the window
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=g)
-    ref = generate(model, prompt, n, cache=None, window=W).tokens[0, prompt_len:].tolist()
+    sinks = make.sinks
+    reference = sinks.reference() if sinks else {"cache": None, "window": W}
+    ref = generate(model, prompt, n, **reference).tokens[0, prompt_len:].tolist()
     mine = _cached_tokens(model, _fresh(model, make), prompt, n)
+    what = "kvlib's SinkCache's" if sinks else "recomputation's"
     if mine != ref:
         step = next(i for i, (a, b) in enumerate(zip(mine, ref, strict=True)) if a != b)
         pos = prompt_len + step
-        hint = _window_hint(W, pos)
-        _fail(f"with a prompt of {prompt_len} tokens the greedy tokens equal recomputation's for "
+        hint = _sink_hint(sinks, pos) if sinks else _window_hint(W, pos)
+        _fail(f"with a prompt of {prompt_len} tokens the greedy tokens equal {what} for "
               f"{step} steps, then differ at step {step} (the token at position {pos}).{hint}")
-    return f"{n} greedy tokens equal recomputation's" + (f" (window {W})" if W else "")
+    label = f" ({sinks.n_sink} sinks + window {sinks.window})" if sinks else (
+        f" (window {W})" if W else "")
+    return f"{n} greedy tokens equal {what}{label}"
 
 
 @torch.no_grad()
@@ -222,17 +258,34 @@ def _check_logits(model: CausalLM, make: _Maker, W: int | None) -> str:
     T = 3 * (W or 8)
     seq = torch.randint(0, model.cfg.vocab_size, (1, T),
                         generator=torch.Generator().manual_seed(9))
-    model.set_kv_cache("none", window=W)
-    ref = model(seq, use_cache=True)  # (1, T, vocab): masked to the window, if any
+    sinks = make.sinks
+    if sinks:  # kvlib's sink cache, a token at a time
+        model.set_kv_cache("sinks", window=sinks.window, n_sink=sinks.n_sink)
+        ref = torch.cat([model(seq[:, t : t + 1], use_cache=True) for t in range(T)], dim=1)
+    else:
+        model.set_kv_cache("none", window=W)
+        ref = model(seq, use_cache=True)  # (1, T, vocab): masked to the window, if any
     with model.using(_fresh(model, make)):
         mine = torch.cat([model(seq[:, t : t + 1], use_cache=True) for t in range(T)], dim=1)
     err = (mine - ref).abs().amax(dim=-1)[0]  # (T,)
-    if float(err.max()) > TOLERANCE:
-        t = int((err > TOLERANCE).nonzero()[0])
-        _fail(f"teacher-forced logits differ from recomputation's by {float(err.max()):.2g} "
-              f"(tolerance {TOLERANCE:g}), first at position {t}: the keys and values attention "
-              f"saw there are not the ones it should see.{_window_hint(W, t)}")
-    return f"{T} teacher-forced positions within {TOLERANCE:g} of recomputation"
+    tol, what = (SINK_TOLERANCE, "kvlib's SinkCache") if sinks else (TOLERANCE, "recomputation")
+    if float(err.max()) > tol:
+        t = int((err > tol).nonzero()[0])
+        hint = _sink_hint(sinks, t) if sinks else _window_hint(W, t)
+        _fail(f"teacher-forced logits differ from {what}'s by {float(err.max()):.2g} "
+              f"(tolerance {tol:g}), first at position {t}: the keys and values attention "
+              f"saw there are not the ones it should see.{hint}")
+    return f"{T} teacher-forced positions within {tol:g} of {what}"
+
+
+def _sink_hint(sinks: _Sinks, pos: int) -> str:
+    if pos < sinks.capacity:
+        return (f" The cache is not full before position {sinks.capacity}: it should append, "
+                "as a preallocated cache does.")
+    return (f" From position {sinks.capacity} on the cache is full: the token at position p "
+            f"goes to slot n_sink + (p - n_sink) % window, and the sink keys must sit just "
+            "before the window's oldest token, moved by delta = seen - capacity positions "
+            "from where they were first rotated (rotate the unmoved copy, not the last one).")
 
 
 def _window_hint(W: int | None, pos: int) -> str:
@@ -250,13 +303,14 @@ def _check_nbytes(model: CausalLM, make: _Maker, W: int | None,
     _cached_tokens(model, caches, torch.zeros(1, 1, dtype=torch.long), tokens - 1)
     cache = caches[0]
     cfg = model.cfg
-    per_token = 2 * cfg.n_heads * cfg.head_dim * 4  # keys + values, float32
+    per_token = 2 * getattr(cfg, "n_kv_heads", cfg.n_heads) * cfg.head_dim * 4  # k + v, float32
     held = cache.tokens_held if cache.capacity is None else cache.capacity
     if held > 0 and cache.nbytes == 0:
         _fail("nbytes is 0 while the cache holds tokens: register keys and values as buffers "
               "(self.register_buffer('keys', None, persistent=False)) so nbytes can see them")
     want = per_token * held
-    if cache.nbytes != want:
+    extra = per_token // 2 * make.sinks.n_sink if make.sinks else 0  # an unmoved sink copy
+    if cache.nbytes not in {want, want + extra}:
         _fail(f"after {tokens} tokens nbytes is {cache.nbytes}, expected {want} "
               f"({held} token slots x {per_token} bytes): does the cache keep copies, or "
               "allocate more (or less) than its capacity?")

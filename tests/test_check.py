@@ -104,3 +104,52 @@ def test_check_absorbed_grades_a_readers_absorbed_query():
     with pytest.raises(kvlib.CacheCheckError, match="differ from the decompressed"):
         kvlib.check_absorbed(lambda q, w: torch.einsum("bhtd,hdr->bhtr", q, w) * 2,
                              verbose=False)
+
+
+# --- sink caches: graded against kvlib's SinkCache on a small Llama -----------------------------
+
+
+class StaleSinks(kvlib.SinkCache):
+    """Never moves the sink keys: they stay at positions 0 .. n_sink - 1."""
+
+    def update(self, keys, values):
+        S = self.n_sink
+        k, v = super().update(keys, values)
+        if self.seen > self.capacity and S:
+            self.keys[:, :, :S] = self.sink_keys  # undo the rotation
+        return self.keys if self.seen > self.capacity else k, v
+
+
+class PilingRotations(kvlib.SinkCache):
+    """Moves the last moved copy again each step instead of the unmoved one."""
+
+    def update(self, keys, values):
+        from kvlib.caches.streaming import rotate
+
+        k, v = super().update(keys, values)
+        if self.seen > self.capacity + 1 and self.n_sink:
+            self.sink_keys = self.keys[:, :, : self.n_sink].clone()  # the moved copy
+            self.keys[:, :, : self.n_sink] = rotate(self.sink_keys, self.inv_freq, 1)
+        return k, v
+
+
+@pytest.mark.parametrize("n_sink", [1, 2, 4])
+def test_the_sink_cache_passes_against_itself(n_sink, capsys):
+    passed = check_cache(kvlib.SinkCache, window=8, n_sink=n_sink)
+    names = [c.name for c in passed]
+    W = 8 + n_sink  # the cache's capacity: its edges are where it fills
+    assert [n for n in names if n.startswith("tokens")] == [
+        f"tokens, prompt of {n}" for n in sorted({W - 1, W, W + 1, 2 * W + 3})]
+    assert names[-3:] == ["logits", "nbytes", "rollback"]
+    assert "SinkCache's" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cls", [StaleSinks, PilingRotations])
+def test_sinks_left_behind_are_caught_with_the_hint(cls):
+    with pytest.raises(CacheCheckError, match=r"sink keys must sit just before the window"):
+        check_cache(cls, window=8, n_sink=2, verbose=False)
+
+
+def test_n_sink_asks_for_a_sink_cache():
+    with pytest.raises(CacheCheckError, match=r"subclass kvlib.SinkCache"):
+        check_cache(kvlib.SlidingWindowCache, window=8, n_sink=2, verbose=False)
