@@ -28,6 +28,8 @@ from .compress import (
     RESIDUAL,
     FrontierPoint,
     Tradeoff,
+    attention_inputs,
+    attention_output_errors,
     bytes_after,
     cached_keys_values,
     compression_tradeoff,
@@ -48,5 +50,5 @@ __all__ = [
     "cache_frames_for", "cached_keys_values", "compression_tradeoff", "grouping_errors",
     "measure_frontier", "measure_latency", "median", "median_ms", "percentiles", "prompt_ids",
     "rope_config", "rope_rotation", "spec_label", "split_spec", "step_ms", "summary",
-    "time_decode", "attention_modes",
+    "time_decode", "attention_modes", "attention_inputs", "attention_output_errors",
 ]

@@ -1,9 +1,12 @@
 """Compressing the cache, measured: the keys and values a layer caches, their quantization error
-grouped two ways, the accuracy-memory frontier of quantized and evicting caches (``CONFIGS``, the
-caches chapter 10 and ``python -m kvlib.bench compress`` measure), and one choice of bits, group
-size and budget (``compression_tradeoff``). ``kvlib.plots.compress`` draws them.
+grouped two ways and, for the values, the error that leaves in the attention output
+(``attention_output_errors``), the accuracy-memory frontier of quantized and evicting caches
+(``CONFIGS``, the caches chapter 10 and ``python -m kvlib.bench compress`` measure), and one
+choice of bits, group size and budget (``compression_tradeoff``). ``kvlib.plots.compress`` draws
+them.
 
     keys, values = cached_keys_values(model, ids, layer=2)     # (H_kv, T, D) each
+    weights, values = attention_inputs(model, ids, layer=2)    # (H, T, T), (H_kv, T, D)
     points = measure_frontier(model, rows, CONFIGS)
     t = compression_tradeoff(model, rows, bits=4, group_size=32, budget=64)
 """
@@ -56,6 +59,47 @@ def grouping_errors(keys: Tensor, values: Tensor, bits: int, group_size: int
         for axis, dim in (("per channel", 1), ("per token", 2)):
             back = dequantize(*quantize(x, bits, group_size, dim=dim), group_size, dim=dim)
             out[f"{name} {axis}"] = float((back - x).abs().mean() / x.abs().mean())
+    return out
+
+
+@torch.inference_mode()
+def attention_inputs(model: CausalLM, ids: Tensor, layer: int = 0) -> tuple[Tensor, Tensor]:
+    """The softmax weights ``(H, T, T)`` of layer ``layer`` over ``ids`` ``(1, T)``, from the
+    model's own queries and keys, and the values ``(H_kv, T, D)`` they weigh: what attention
+    multiplies. Llama-style layers only (``project`` and ``attention_weights``)."""
+    attn = model.attention_layers[layer]
+    if not (hasattr(attn, "project") and hasattr(attn, "attention_weights")):
+        raise TypeError(f"attention_inputs reads a layer's project() and attention_weights(), "
+                        f"which {type(attn).__name__} lacks: use a Llama-style model "
+                        "(mini-llama, Llama 3, Qwen3)")
+    seen = []
+
+    def record(module, args, output):
+        seen.append((module.attention_weights(*args[:3])[0], module.project(*args[:3])[2][0]))
+
+    with preserved_state(model):
+        hook = attn.register_forward_hook(record)
+        try:
+            model(ids)
+        finally:
+            hook.remove()
+    weights, values = seen[0]
+    return weights.float(), values.float()
+
+
+def attention_output_errors(weights: Tensor, values: Tensor, bits: int, group_size: int
+                            ) -> dict[str, float]:
+    """Mean absolute error of the attention output ``weights @ v`` when the values ``(H_kv, T,
+    D)`` are dequantized, relative to the output's mean absolute value, with the values grouped
+    per token and per channel; ``weights`` ``(H, T, T)`` (``attention_inputs``), each key/value
+    head shared by ``H / H_kv`` query heads. ``T`` must be a multiple of ``group_size``."""
+    share = weights.shape[0] // values.shape[0]
+    exact = weights @ values.repeat_interleave(share, dim=0)  # (H, T, D)
+    out = {}
+    for name, dim in (("values per token", 2), ("values per channel", 1)):
+        back = dequantize(*quantize(values, bits, group_size, dim=dim), group_size, dim=dim)
+        blurred = weights @ back.repeat_interleave(share, dim=0)  # (H, T, D)
+        out[name] = float((blurred - exact).abs().mean() / exact.abs().mean())
     return out
 
 
