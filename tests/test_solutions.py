@@ -9,6 +9,9 @@ The convention (also in CONTRIBUTING.md):
 - Every class a solution defines at top level whose base is a cache (a base named ``...Cache``,
   such as ``kvlib.KVCache`` or ``kvlib.PreallocCache``) is passed to ``kvlib.check_cache`` by a
   call in the same cell, so the passing checks are in the committed output.
+- Every chapter that teaches a cache or a policy (``GRADED``) has a solution that calls a grader
+  on what the reader wrote: ``check_cache`` for caches, ``check_quantizer``, ``check_victims``,
+  ``check_slot_of``, ``check_absorbed`` for the other pieces.
 - Nothing here executes a chapter: nbval executes each one once (``make test``), compares every
   output with the committed one, and fails on any cell that raises, a failed ``check_cache``
   included. This module checks the convention that makes that enough.
@@ -86,11 +89,47 @@ def test_solutions_follow_the_convention(path):
                           + "\n  ".join(problems))
 
 
-def test_every_chapter_that_writes_a_cache_grades_it():
-    graded = {p.name for p in NOTEBOOKS
-              for c in nbformat.read(p, as_version=4).cells
-              if "solution" in c.metadata.get("tags", []) and cache_classes(c.source)}
-    assert {"02_kv_cache.ipynb", "04_prealloc.ipynb", "05_sliding_window.ipynb"} <= graded
+# Every chapter that teaches a cache or a policy, and the graders its solutions call on what the
+# reader wrote: the caches (check_cache), the block table's slot lookup, a quantizer and an
+# eviction rule, the absorbed query.
+GRADED = {
+    "02_kv_cache.ipynb": {"check_cache"},  # the concat cache
+    "04_prealloc.ipynb": {"check_cache"},  # the preallocated cache
+    "05_sliding_window.ipynb": {"check_cache"},  # the ring
+    "08_streaming.ipynb": {"check_cache"},  # the sink cache
+    "09_serving.ipynb": {"check_slot_of"},  # the block table
+    "10_compressing.ipynb": {"check_quantizer", "check_victims"},
+    "11_todays_caches.ipynb": {"check_absorbed"},
+    "12_cache_surgery.ipynb": {"check_cache"},  # a ring that rolls back
+}
+
+
+def graders_called(source: str) -> set[str]:
+    """Names of the ``check_...`` functions a cell calls (``kvlib.check_cache(...)`` included)."""
+    return {_dotted(call.func).split(".")[-1] for call in ast.walk(_tree(source))
+            if isinstance(call, ast.Call)
+            and _dotted(call.func).split(".")[-1].startswith("check_")}
+
+
+def _text(outputs) -> str:
+    return "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                   for o in outputs)
+
+
+@pytest.mark.parametrize("name", sorted(GRADED))
+def test_every_chapter_that_teaches_a_cache_or_a_policy_grades_what_the_reader_writes(name):
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    solutions = [nb.cells[i] for i in _solutions(nb)]
+    called = set().union(*(graders_called(c.source) for c in solutions))
+    assert GRADED[name] <= called, f"{name}: no solution calls {sorted(GRADED[name] - called)}"
+    for cell in solutions:  # the committed run of each graded solution passed, and says so
+        if graders_called(cell.source):
+            assert _text(cell.outputs).strip(), f"{name}: a graded solution printed nothing"
+
+
+def test_graders_called_reads_calls_only():
+    src = "kvlib.check_cache(A)\ncheck_victims(f)\nx = check_thing\n%time check_me()"
+    assert graders_called(src) == {"check_cache", "check_victims"}
 
 
 def test_solution_problems_names_each_breach():
