@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .caches import EvictCache
 from .caches.compressed import quantize
-from .check import CacheCheckError, Check
+from .check import Check, _fail
 from .generate import prefill
 from .models import CausalLM
 from .state import preserved_state
@@ -33,10 +33,6 @@ SCALE_ULP = 2.0**-10  # float16 keeps 10 bits of mantissa: kvlib's scale is with
 
 Quantizer = Callable[[Tensor, int], tuple]
 Dequantizer = Callable[[Tensor, float, float], Tensor]
-
-
-def _fail(message: str) -> None:
-    raise CacheCheckError(message)
 
 
 # ---- the quantizer ---------------------------------------------------------------------------

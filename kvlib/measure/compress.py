@@ -75,7 +75,7 @@ def attention_inputs(model: CausalLM, ids: Tensor, layer: int = 0) -> tuple[Tens
     seen = []
 
     def record(module, args, output):
-        seen.append((module.attention_weights(*args[:3])[0], module.project(*args[:3])[2][0]))
+        seen.append(module.attention_weights(*args[:3])[0])  # (H, T, T)
 
     with preserved_state(model):
         hook = attn.register_forward_hook(record)
@@ -83,8 +83,7 @@ def attention_inputs(model: CausalLM, ids: Tensor, layer: int = 0) -> tuple[Tens
             model(ids)
         finally:
             hook.remove()
-    weights, values = seen[0]
-    return weights.float(), values.float()
+    return seen[0].float(), cached_keys_values(model, ids, layer)[1]
 
 
 def attention_output_errors(weights: Tensor, values: Tensor, bits: int, group_size: int
