@@ -42,10 +42,13 @@ def compiled(model: CausalLM) -> nn.Module:
 
 @contextlib.contextmanager
 def compiling() -> Iterator[None]:
-    """The dynamo settings under which ``compiled`` models trace: the caches' int counters
-    stay symbolic instead of being baked into the graph."""
+    """The settings under which ``compiled`` models trace: the caches' int counters stay
+    symbolic instead of being baked into the graph, and inductor writes the code that calls
+    its kernels in C++ (``cpp_wrapper``) rather than Python, which takes a few microseconds
+    off every one of a decode step's calls (and adds seconds to the compilation)."""
     with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True,
-                                    force_nn_module_property_static_shapes=False):
+                                    force_nn_module_property_static_shapes=False), \
+            torch._inductor.config.patch(cpp_wrapper=True):
         yield
 
 

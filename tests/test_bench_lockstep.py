@@ -31,6 +31,26 @@ def test_lockstep_runs_the_three_in_turn(tmp_path, run_like_data):
     assert "## Lockstep" in text and "| 8 | 2 |" in text and d["command"] in text
 
 
+def test_compiled_decoding_takes_a_fourth_turn(tmp_path, run_like_data):
+    out = tmp_path / "lockstep.json"
+    main(["lockstep", "--model", "tiny-llama", "--new-tokens", "6", "--repeats", "2",
+          "--threads", "0", "--compile", "--no-progress", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["compiled"] is True and d["compile_s"] > 0
+    (r,) = d["runs"]
+    assert r["same_tokens"] is True  # eager, compiled and DynamicCache: the same greedy tokens
+    for rep in r["repeats"]:
+        assert len(rep["compiled_ms"]) == len(rep["kvlib_ms"]) == 5
+        assert sorted(rep["order"]) == ["compiled", "floor", "hf", "kvlib"]
+    assert 0 < r["compiled_over_floor"]["median"] and 0 < r["compiled_over_hf_tokens_per_s"][
+        "median"]
+    text = report({**run_like_data(), "lockstep": [d]})
+    assert "## Lockstep: tiny-llama" in text and "compiled step / floor" in text
+    assert "tiny-llama, 1 thread(s), 6 tokens" not in text  # judged at 200 tokens: not measured
+    assert "tiny-llama, 1 thread(s), 200 tokens, lockstep: prealloc compiled median decode step" \
+        " / floor | n/ax | <= 1.5 | not measured |" in text
+
+
 def test_lockstep_summary_cancels_drift_per_floor_step():
     drift = [1 + i / 100 for i in range(300)]  # the machine slows by 3x over the run
     rep = {"kvlib_ms": [2 * d for d in drift], "hf_ms": [3 * d for d in drift],

@@ -42,11 +42,23 @@ def test_lockstep_targets_are_judged_from_the_numbers():
     assert [t["met"] for t in lockstep_targets(d)][2:] == [None, None]
 
 
+def test_a_small_models_lockstep_is_judged_eager_and_compiled():
+    d = {"model": "mini-llama", "strategy": "prealloc", "environment": {"threads": 2},
+         "runs": [_lockstep_run(200, kvlib_over_hf_tokens_per_s=1.2, step_over_floor=2.1,
+                                compiled_over_hf_tokens_per_s=1.7, compiled_over_floor=1.45)]}
+    rows = lockstep_targets(d)
+    assert [(t["value"], t["limit"], t["met"]) for t in rows] == [
+        (1.2, 1.5, False), (2.1, 1.5, False), (1.7, 1.5, True), (1.45, 1.5, True)]
+    assert all(t["target"].startswith("mini-llama, 2 thread(s), 200 tokens") for t in rows)
+    del d["runs"][0]["compiled_over_floor"]  # compiled decoding did not run: never a pass
+    assert lockstep_targets(d)[3]["met"] is None
+
+
 def test_one_table_of_limits_for_both_judges(synthetic_results, monkeypatch):
     data = synthetic_results({("prealloc", 200): 1.1},
                              {("prealloc", 200): 37, ("hf-dynamic", 200): 30})
     judged = [t for t in targets(data) + lockstep_targets(_lockstep()) if t["op"] != "shown"]
-    others = ("qwen3", "bf16", "sinks", "engine", "paged", "int8", "int4")  # other commands
+    others = ("qwen3", "bf16", "sinks", "engine", "paged", "int8", "int4", "mini")  # other commands
     gpt2 = [k for k in TARGETS if not k.startswith(others)]  # the gpt2 run's own targets
     limits = {(TARGETS[k].op, TARGETS[k].limit) for k in gpt2}
     assert {(t["op"], t["limit"]) for t in judged} == limits  # every limit from the table

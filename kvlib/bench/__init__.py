@@ -50,11 +50,11 @@ from .floor import (
     floor_step,
     floor_weights,
 )
-from .lockstep import lockstep, lockstep_summary
+from .lockstep import lockstep, lockstep_summary, lockstep_text
 from .overhead import GAP_PARTS, compile_check, floor_gap, functional_step
 from .plan import DTYPES, HF_KINDS, PLANS, PROMPT, SCHEMA, Cell, Suite
 from .profiling import alloc_steps, count_allocations, profile_decode_step
-from .report import compile_text, lockstep_text, report
+from .report import compile_text, report
 from .run import Bench
 from .runners import HFRunner, KvlibRunner, hf_twin, time_run
 from .targets import lockstep_targets, targets

@@ -15,10 +15,10 @@ import torch
 from .compress import compress, compress_lines
 from .figures import plot
 from .latent import latent, latent_lines
-from .lockstep import lockstep
+from .lockstep import lockstep, lockstep_text
 from .overhead import compile_check
 from .plan import PLANS, Suite
-from .report import compile_text, lockstep_text, report, summary_table
+from .report import compile_text, report, summary_table
 from .run import Bench
 from .serving import serving, serving_lines
 from .speculative import speculative, speculative_lines
@@ -66,7 +66,8 @@ def add_other_parsers(sub) -> None:
     rep.add_argument("json")
     rep.add_argument("--plots-dir", default="", help="where the PNGs are (to list only those)")
     rep.add_argument("--compile", help="a JSON written by the compile command, to include")
-    rep.add_argument("--lockstep", help="a JSON written by the lockstep command, to include")
+    rep.add_argument("--lockstep", action="append", default=[], help="a JSON written by the "
+                     "lockstep command, to include; repeatable")
     rep.add_argument("--also", action="append", default=[], help="another run's JSON (e.g. "
                      "another plan or machine), appended as its own report; repeatable")
     ls = sub.add_parser("lockstep", help="kvlib, DynamicCache and the floor one step each, in "
@@ -76,6 +77,8 @@ def add_other_parsers(sub) -> None:
     ls.add_argument("--new-tokens", type=_csv(int), default=[200, 1000])
     ls.add_argument("--repeats", type=int, default=3)
     ls.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    ls.add_argument("--compile", action="store_true", help="kvlib's compiled decoding "
+                    "(generate(..., compile=True)) takes a turn too; the warm-up compiles it")
     ls.add_argument("--out", default="lockstep.json")
     ls.add_argument("--no-progress", action="store_true")
     co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")
@@ -203,7 +206,7 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.compile:
         data["compile"] = _read(args.compile)
     if args.lockstep:
-        data["lockstep"] = _read(args.lockstep)
+        data["lockstep"] = [_read(path) for path in args.lockstep]
     print(report(data, args.plots_dir))
     if args.streaming:
         print("\n---\n")
@@ -233,7 +236,7 @@ def cmd_compile(args: argparse.Namespace, argv: list[str]) -> None:
 
 def cmd_lockstep(args: argparse.Namespace, argv: list[str]) -> None:
     d = lockstep(args.model, tuple(args.new_tokens), args.repeats, args.strategy,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, compile=args.compile)
     d["command"] = _command(argv)
     _write(args.out, d)
     print("\n".join(lockstep_text(d)))

@@ -1,8 +1,10 @@
 """kvlib, transformers' DynamicCache and the floor taking turns, one decode step each, so that a
-shared machine's drift hits all three alike."""
+shared machine's drift hits all three alike; with ``compile=True`` kvlib's compiled decoding
+(``generate(..., compile=True)``) takes a turn too."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 from collections.abc import Callable, Iterator
 
@@ -19,33 +21,42 @@ from .plan import PROMPT, SCHEMA
 from .runners import HFRunner, KvlibRunner, hf_twin
 
 TURNS = ("kvlib", "hf", "floor")  # who takes a step, in the first repeat's order
+COMPILED = "compiled"  # the fourth, with compile=True
 
 
 def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), repeats: int = 3,
-             strategy: str = "prealloc", progress: bool = True) -> dict:
+             strategy: str = "prealloc", progress: bool = True, compile: bool = False) -> dict:
     """kvlib, transformers' DynamicCache and the floor take turns, one decode step each.
 
     Separate runs, even interleaved, see a shared machine at different moments, and its speed
     drifts. In lockstep the three advance together: step i of each runs right after the others',
     at the same sequence length, so a slowdown hits all three alike. The order of the three
     rotates with the repeat. Flatness is also given per floor: each step divided by the floor step
-    timed next to it, which cancels the drift left between the first and last 100 steps."""
+    timed next to it, which cancels the drift left between the first and last 100 steps.
+
+    ``compile``: kvlib's compiled decoding takes a turn too; the warm-up compiles it, and its
+    first two steps (the prefill's graph and the decode step's, compilation included) are
+    recorded as ``compile_s``."""
     from tqdm.auto import tqdm
 
     model = load_model(preset, seed=123, dtype=torch.float32, device="cpu")
     out = {"schema": SCHEMA + "/lockstep", "model": preset, "strategy": strategy,
+           "compiled": compile,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "environment": environment_info("cpu"), "runs": []}
-    turns = Turns(model, strategy)
+    turns = Turns(model, strategy, compile)
     with Stopwatch("cpu") as clock, tqdm(total=len(new_tokens) * (repeats + 1), desc="lockstep",
                                           unit="run", disable=not progress) as bar:
         for n in new_tokens:
             reps = []
-            for r in range(-1, repeats):  # r = -1: an untimed warm-up of at most 64 tokens
-                rep = turns.run(min(n, 64) if r < 0 else n, r)
+            for r in range(-1, repeats):  # r = -1: an untimed warm-up (at most 64 tokens)
+                # compiled: the warm-up has the buffers' size too, or a repeat would recompile
+                rep = turns.run(min(n, 64) if r < 0 and not compile else n, r)
                 bar.update(1)
                 if r >= 0:
                     reps.append(rep)
+                elif compile and "compile_s" not in out:  # the first warm-up compiled it
+                    out["compile_s"] = round(turns.first_compiled_s, 2)
             out["runs"].append({"new_tokens": n, "repeats": reps, **lockstep_summary(reps)})
     out["duration_s"] = clock.seconds
     return out
@@ -54,10 +65,16 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
 class Turns:
     """One model's three contestants: kvlib's loop, its transformers twin's, and its floor."""
 
-    def __init__(self, model, strategy: str) -> None:
+    def __init__(self, model, strategy: str, compile: bool = False) -> None:
         self.model, self.strategy, self.hf = model, strategy, hf_twin(model)
         self.idx = torch.tensor([PROMPT])
         self.floor = Floor(model, 1)
+        self.turns = TURNS + ((COMPILED,) if compile else ())
+        # A copy with its own caches (the two kvlib loops would clobber one set) and the same
+        # weight tensors, so that no loop reads weights the others leave cold in the CPU cache.
+        self.twin = copy.deepcopy(model, {id(p): p for p in model.parameters()}) if compile \
+            else None
+        self.first_compiled_s = 0.0  # the prefill and first step of the last compiled stream
 
     def floor_stream(self) -> Iterator[tuple[None, float]]:
         while True:
@@ -70,16 +87,25 @@ class Turns:
         streams = {"kvlib": KvlibRunner(self.model, self.strategy, 128).stream(self.idx, n),
                    "hf": HFRunner(self.hf, "hf-dynamic").stream(self.idx, n),
                    "floor": self.floor_stream()}
-        order = list(TURNS[repeat % 3:] + TURNS[: repeat % 3])
-        times: dict[str, list[float]] = {who: [] for who in TURNS}
-        tokens: dict[str, list[Tensor]] = {"kvlib": [], "hf": []}
+        if COMPILED in self.turns:
+            streams[COMPILED] = KvlibRunner(self.twin, self.strategy, 128,
+                                            compile=True).stream(self.idx, n)
+        k = repeat % len(self.turns)
+        order = list(self.turns[k:] + self.turns[:k])
+        times: dict[str, list[float]] = {who: [] for who in self.turns}
+        tokens: dict[str, list[Tensor]] = {who: [] for who in self.turns if who != "floor"}
         for _ in range(n):
             for who in order:
                 tok, seconds = next(streams[who])
                 times[who].append(seconds)
                 if tok is not None:
                     tokens[who].append(tok)
-        same = all(torch.equal(a, b) for a, b in zip(tokens["kvlib"], tokens["hf"], strict=True))
+        for stream in streams.values():
+            stream.close()  # a compiled stream leaves its dynamo settings here
+        if COMPILED in times:
+            self.first_compiled_s = sum(times[COMPILED][:2])
+        same = all(torch.equal(a, b) for who in tokens if who != "kvlib"
+                   for a, b in zip(tokens["kvlib"], tokens[who], strict=True))
         return {"order": order, "same_tokens": same,
                 **{f"{k}_ms": [round(1e3 * t, 4) for t in v[1:]] for k, v in times.items()}}
 
@@ -98,7 +124,12 @@ def lockstep_summary(reps: list[dict]) -> dict:
         k = min(100, len(xs) // 2)
         return float(np.median(xs[-k:]) / np.median(xs[:k]))
 
+    compiled = {} if "compiled_ms" not in reps[0] else {
+        "compiled_over_hf_tokens_per_s": per(
+            lambda r: tokens_per_s(r["compiled_ms"]) / tokens_per_s(r["hf_ms"])),
+        "compiled_over_floor": per(lambda r: med(r, "compiled_ms") / med(r, "floor_ms"))}
     return {
+        **compiled,
         "kvlib_over_hf_tokens_per_s": per(
             lambda r: tokens_per_s(r["kvlib_ms"]) / tokens_per_s(r["hf_ms"])),
         "step_over_floor": per(lambda r: med(r, "kvlib_ms") / med(r, "floor_ms")),
@@ -108,3 +139,49 @@ def lockstep_summary(reps: list[dict]) -> dict:
             [a / b for a, b in zip(r["kvlib_ms"], r["floor_ms"], strict=True)])),
         "same_tokens": all(r["same_tokens"] for r in reps),
     }
+
+
+def lockstep_text(d: dict) -> list[str]:
+    """The lockstep section: one row per new-token count, and the compiled loop's when it ran."""
+    threads = d["environment"]["threads"]
+    compiled = bool(d.get("compiled"))
+    lines = [
+        f"## Lockstep: {d['model']}, {threads} thread(s): kvlib, DynamicCache and the floor in "
+        "turn\n",
+        f"`python -m kvlib.bench lockstep` ({d['created']}, {d['duration_s'] / 60:.1f} min, "
+        f"{threads} threads, {d['environment']['cpu_model']}): {d['model']}, float32, batch 1, "
+        f"`{d['strategy']}` against transformers' `DynamicCache` and the floor, one decode step "
+        "of each in turn, so that drift hits them all alike; medians over the repeats (min-max "
+        "in brackets). These are the same targets, measured a second, better-controlled way.\n"]
+    if compiled:
+        lines.append(
+            "`compiled` is kvlib's loop through `generate(..., compile=True)` (a copy of the model "
+            "with its own caches and the same weight tensors), taking its turn as a fourth. Its "
+            "first two steps in the "
+            f"warm-up, the prefill and the first decode step with their compilation, took "
+            f"{d['compile_s']:.1f} s.\n")
+    head = ["new tokens", "repeats", "kvlib / DynamicCache tok/s", "step / floor",
+            "DynamicCache step / floor", "last 100 / first 100", "same, per floor step"]
+    head += ["compiled / DynamicCache tok/s", "compiled step / floor"] if compiled else []
+    head += ["kvlib, HF, floor" + (", compiled" if compiled else "") + " step ms",
+             "same tokens"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(x: dict) -> str:
+        return f"{x['median']:.3f} ({x['min']:.3f}-{x['max']:.3f})"
+
+    for r in d["runs"]:
+        keys = ["kvlib_over_hf_tokens_per_s", "step_over_floor", "hf_over_floor", "flatness",
+                "flatness_per_floor"]
+        keys += ["compiled_over_hf_tokens_per_s", "compiled_over_floor"] if compiled else []
+        who = ["kvlib", "hf", "floor"] + (["compiled"] if compiled else [])
+        ms = ", ".join(f"{median_of(r['repeats'], w + '_ms'):.3f}" for w in who)
+        lines.append(f"| {r['new_tokens']} | {len(r['repeats'])} | "
+                     + " | ".join(cell(r[k]) for k in keys)
+                     + f" | {ms} | {'yes' if r['same_tokens'] else 'NO'} |")
+    return lines + [""]
+
+
+def median_of(repeats: list[dict], key: str) -> float:
+    """The median over the repeats of each repeat's median step (ms)."""
+    return float(np.median([np.median(rep[key]) for rep in repeats]))

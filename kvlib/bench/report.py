@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..style import NO_CACHE, strategy_label
 from .figures import PLOTS
+from .lockstep import lockstep_text
 from .targets import lockstep_targets
 
 WORKLOAD = (
@@ -32,8 +33,8 @@ def _mib(n: float | None) -> str:
 def report(data: dict, plots_dir: str = "") -> str:
     """RESULTS.md: every table of a run, from its JSON."""
     lines = header_lines(data) + command_lines(data) + [WORKLOAD] + target_lines(data)
-    if data.get("lockstep"):
-        lines += lockstep_text(data["lockstep"])
+    for d in locksteps(data):
+        lines += lockstep_text(d)
     lines += decode_speed_lines(data) + floor_lines(data["floor"])
     lines += floor_check_lines(data["floor"], data["environment"])
     lines += no_cache_lines(data["no_cache"]) + overhead_lines(data.get("overhead"))
@@ -72,8 +73,8 @@ def command_lines(data: dict) -> list[str]:
         extra = (c["command"] + "\n" if "command" in c else
                  f"python -m kvlib.bench compile --model {c['model']} --new-tokens "
                  f"{c['new_tokens']} --threads {c['threads']} --out benchmarks/compile.json\n")
-    if data.get("lockstep"):
-        extra += data["lockstep"]["command"] + "\n"
+    for d in locksteps(data):
+        extra += d["command"] + "\n"
     report_cmd = data.get("report_command") or (
         "python -m kvlib.bench report benchmarks/results.json --plots-dir benchmarks"
         + (" --compile benchmarks/compile.json" if data.get("compile") else "")
@@ -96,7 +97,7 @@ def target_lines(data: dict) -> list[str]:
                      "final. Compare the spreads in the tables below, and rerun on a quiet "
                      "machine.\n")
     lines.append("| target | measured | limit | met |\n|---|---|---|---|")
-    rows = data["targets"] + (lockstep_targets(data["lockstep"]) if data.get("lockstep") else [])
+    rows = data["targets"] + [t for d in locksteps(data) for t in lockstep_targets(d)]
     lines += [target_line(t) for t in rows]
     return lines + [""]
 
@@ -110,29 +111,10 @@ def target_line(t: dict) -> str:
     return f"| {t['target']}{detail} | {_fmt(t['value'])}x | {limit} | {met} |"
 
 
-def lockstep_text(d: dict) -> list[str]:
-    """The lockstep section: one row per new-token count."""
-    lines = [
-        "## Lockstep: kvlib, DynamicCache and the floor in turn\n",
-        f"`python -m kvlib.bench lockstep` ({d['created']}, {d['duration_s'] / 60:.1f} min, "
-        f"{d['environment']['threads']} threads): {d['model']}, float32, batch 1, "
-        f"`{d['strategy']}` against transformers' `DynamicCache` and the floor, one decode step "
-        "of each in turn, so that drift hits all three alike; medians over the repeats (min-max "
-        "in brackets). These are the same targets, measured a second, better-controlled way.\n",
-        "| new tokens | repeats | kvlib / DynamicCache tok/s | step / floor | DynamicCache "
-        "step / floor | last 100 / first 100 | same, per floor step | same tokens |",
-        "|---|---|---|---|---|---|---|---|"]
-
-    def cell(x: dict) -> str:
-        return f"{x['median']:.3f} ({x['min']:.3f}-{x['max']:.3f})"
-
-    for r in d["runs"]:
-        lines.append(f"| {r['new_tokens']} | {len(r['repeats'])} | "
-                     f"{cell(r['kvlib_over_hf_tokens_per_s'])} | {cell(r['step_over_floor'])} | "
-                     f"{cell(r['hf_over_floor'])} | {cell(r['flatness'])} | "
-                     f"{cell(r['flatness_per_floor'])} | "
-                     f"{'yes' if r['same_tokens'] else 'NO'} |")
-    return lines + [""]
+def locksteps(data: dict) -> list[dict]:
+    """The lockstep runs included in a report (``--lockstep``, repeatable): a list, or one."""
+    held = data.get("lockstep") or []
+    return [held] if isinstance(held, dict) else list(held)
 
 
 def decode_speed_lines(data: dict) -> list[str]:
@@ -331,8 +313,8 @@ def compile_text(c: dict) -> str:
         verdict = (f"does not pay: {gain:+.2f} ms a step ({100 * gain / e:+.1f}%; {how}), so "
                    "leave `compile=False` for this model")
     cpu = c.get("environment", {}).get("cpu_model", "this machine")
-    return (f"`generate(..., compile=True)` (`torch.compile(model, dynamic=True)`) on "
-            f"{c['model']} with the preallocated cache, {cpu}, "
+    return (f"`generate(..., compile=True)` (`torch.compile(model, dynamic=True)`, C++ "
+            f"wrapper) on {c['model']} with the preallocated cache, {cpu}, "
             f"{c['new_tokens']} tokens, {c['threads']} thread(s): the first run (compilation "
             f"included; inductor's on-disk cache may shorten it) took {c['first_run_s']:.0f} s; "
             f"then a decode step takes {k:.2f} ms "

@@ -4,12 +4,14 @@ holds afterwards. kvlib's loop with each strategy, and transformers' GPT-2 with 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from ..compiling import check_compilable, compiled, compiling
 from ..generate import generate_stream
 from ..hf import to_transformers as hf_twin  # noqa: F401  (the benchmarks' name for it)
 from ..models import CausalLM
@@ -17,16 +19,23 @@ from ..timing import Stopwatch
 
 
 class KvlibRunner:
-    """kvlib's own generation loop (``generate_stream``) with one cache strategy."""
+    """kvlib's own generation loop (``generate_stream``) with one cache strategy; ``compile``:
+    through the compiled model, as ``generate(..., compile=True)`` runs it."""
 
-    def __init__(self, model: CausalLM, strategy: str, window: int) -> None:
-        self.model, self.strategy = model, strategy
+    def __init__(self, model: CausalLM, strategy: str, window: int, compile: bool = False
+                 ) -> None:
+        self.model, self.strategy, self.compile = model, strategy, compile
         self.window = window if strategy == "sliding" else None
 
     def stream(self, idx: Tensor, n: int) -> Iterator[tuple[Tensor, float]]:
         cache = None if self.strategy == "none" else self.strategy
-        for step in generate_stream(self.model, idx, n, cache=cache, window=self.window):
-            yield step.tokens, step.seconds
+        model, settings = self.model, contextlib.nullcontext()
+        if self.compile:
+            check_compilable(cache, None, 1)
+            model, settings = compiled(self.model), compiling()
+        with settings:
+            for step in generate_stream(model, idx, n, cache=cache, window=self.window):
+                yield step.tokens, step.seconds
 
     def cache_nbytes(self) -> int:
         return self.model.kv_cache_nbytes

@@ -46,6 +46,10 @@ TARGETS: dict[str, Target] = {
     "int4_bytes": Target(256, "<=", 0.16),
     "int8_ppl": Target(256, "<=", 1.01),  # held-out perplexity / the fp32 cache's
     "int4_ppl": Target(256, "<=", 1.05),  # with a residual window (kvlib.bench.compress.RESIDUAL)
+    # a small model's decode step (python -m kvlib.bench lockstep --model mini-llama), prealloc,
+    # batch 1, at one and at two threads; judged for eager and compiled decoding alike
+    "mini_near_floor_200": Target(200, "<=", 1.5),  # median decode step / floor
+    "mini_faster_than_hf_200": Target(200, ">=", 1.5),  # tokens/s over DynamicCache's
 }
 QWEN3 = {**BASE, "model": "qwen3-0.6b"}  # the modern targets' cells
 
@@ -179,13 +183,26 @@ LOCKSTEP = [  # (target, what the lockstep run measured of it, how the report na
 ]
 
 
+SMALL_LOCKSTEP = [  # a small model's lockstep run: eager, then compiled when it ran
+    ("mini_faster_than_hf_200", "kvlib_over_hf_tokens_per_s",
+     "{s} / HF DynamicCache, decode tokens/s"),
+    ("mini_near_floor_200", "step_over_floor", "{s} median decode step / floor"),
+    ("mini_faster_than_hf_200", "compiled_over_hf_tokens_per_s",
+     "{s} compiled / HF DynamicCache, decode tokens/s"),
+    ("mini_near_floor_200", "compiled_over_floor", "{s} compiled median decode step / floor"),
+]
+
+
 def lockstep_targets(d: dict) -> list[dict]:
-    """The ratio targets again, from a lockstep run: same rows as ``targets``, marked lockstep."""
+    """The ratio targets again, from a lockstep run: same rows as ``targets``, marked lockstep;
+    a run on another model than gpt2 is judged by the small model's targets, at its threads."""
     runs = {r["new_tokens"]: r for r in d["runs"]}
+    small = d.get("model", "gpt2") != "gpt2"
+    prefix = (f"{d['model']}, {d['environment']['threads']} thread(s), " if small else "")
     out = []
-    for key, measured, name in LOCKSTEP:
+    for key, measured, name in SMALL_LOCKSTEP if small else LOCKSTEP:
         n = TARGETS[key].new_tokens
-        value = runs[n][measured]["median"] if n in runs else None
-        out.append(target_row(key, f"{n} tokens, lockstep: " + name.format(s=d["strategy"]),
-                              value))
+        value = runs[n].get(measured, {}).get("median") if n in runs else None
+        out.append(target_row(key, prefix + f"{n} tokens, lockstep: "
+                              + name.format(s=d["strategy"]), value))
     return out
