@@ -28,7 +28,8 @@ The modules, in the order a run uses them:
 | ``profiling`` | allocations per decode step and the ops of one, from torch.profiler |
 | ``run`` | ``Bench``: the timed groups and the extras (steps with no cache, overhead) |
 | ``overhead`` | the narrow twin, ``functional_step``, ``floor_gap``, ``compile_check`` |
-| ``lockstep`` | kvlib, DynamicCache and the floor one step each, in turn |
+| ``gap`` | a Llama step as bare functional calls (``floor_gap``), fused projections too |
+| ``lockstep`` | kvlib, DynamicCache, the floor (and compiled decoding) one step each, in turn |
 | ``targets`` | the targets and their limits (medians and spreads: ``kvlib.measure.stats``) |
 | ``report``, ``figures`` | RESULTS.md and the PNGs, from the JSON |
 | ``streaming``, ``serving``, ``compress`` | past the context, many requests, compressed caches |

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from ..loading import load_model
 from .compress import compress, compress_lines
 from .figures import plot
 from .latent import latent, latent_lines
 from .lockstep import lockstep, lockstep_text
-from .overhead import compile_check
+from .overhead import compile_check, floor_gap
 from .plan import PLANS, Suite
-from .report import compile_text, report, summary_table
+from .report import compile_text, gap_text, report, summary_table
 from .run import Bench
 from .serving import serving, serving_lines
 from .speculative import speculative, speculative_lines
@@ -68,6 +69,8 @@ def add_other_parsers(sub) -> None:
     rep.add_argument("--compile", help="a JSON written by the compile command, to include")
     rep.add_argument("--lockstep", action="append", default=[], help="a JSON written by the "
                      "lockstep command, to include; repeatable")
+    rep.add_argument("--gap", action="append", default=[], help="a JSON written by the gap "
+                     "command, to include; repeatable")
     rep.add_argument("--also", action="append", default=[], help="another run's JSON (e.g. "
                      "another plan or machine), appended as its own report; repeatable")
     ls = sub.add_parser("lockstep", help="kvlib, DynamicCache and the floor one step each, in "
@@ -87,6 +90,13 @@ def add_other_parsers(sub) -> None:
     co.add_argument("--new-tokens", type=int, default=100)
     co.add_argument("--threads", type=int, default=2)
     co.add_argument("--out", default="compile.json")
+    ga = sub.add_parser("gap", help="where a decode step's time above the floor goes: kvlib's "
+                        "step, the bare functional one, without each kind of small op")
+    ga.add_argument("--model", default="mini-llama")
+    ga.add_argument("--kv-len", type=int, default=100, help="cached tokens")
+    ga.add_argument("--rounds", type=int, default=100)
+    ga.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
+    ga.add_argument("--out", default="gap.json")
     st = sub.add_parser("streaming", help="attention sinks vs prealloc vs recomputing the "
                         "window, far past the context")
     st.add_argument("--model", default="mini-llama")
@@ -217,6 +227,10 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.compress:
         print("\n---\n")
         print("\n".join(compress_lines(_read(args.compress))))
+    for path in args.gap:
+        g = _read(path)
+        print("\n---\n")
+        print("\n".join(gap_text(g, g["model"]) + [f"Command: `{g['command']}`", ""]))
     for path, lines in ((args.speculative, speculative_lines), (args.surgery, surgery_lines),
                         (args.latent, latent_lines)):
         if path:
@@ -232,6 +246,14 @@ def cmd_compile(args: argparse.Namespace, argv: list[str]) -> None:
          "command": _command(argv)}
     _write(args.out, c)
     print(compile_text(c))
+
+
+def cmd_gap(args: argparse.Namespace, argv: list[str]) -> None:
+    model = load_model(args.model, seed=123, dtype=torch.float32, device="cpu")
+    g = {"model": args.model, **floor_gap(model, args.kv_len, args.rounds),
+         "command": _command(argv)}
+    _write(args.out, g)
+    print("\n".join(gap_text(g, args.model)))
 
 
 def cmd_lockstep(args: argparse.Namespace, argv: list[str]) -> None:
@@ -327,9 +349,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
-            "compile": cmd_compile, "streaming": cmd_streaming, "serving": cmd_serving,
-            "compress": cmd_compress, "surgery": cmd_surgery, "speculative": cmd_speculative,
-            "latent": cmd_latent}
+            "compile": cmd_compile, "gap": cmd_gap, "streaming": cmd_streaming,
+            "serving": cmd_serving, "compress": cmd_compress, "surgery": cmd_surgery,
+            "speculative": cmd_speculative, "latent": cmd_latent}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,9 +15,10 @@ from ..generate import decode_one, prefill
 from ..loading import load_model
 from ..machine import environment_info
 from ..measure.stats import median_ms, summary
-from ..models import PRESETS, GPTModel, build_model
+from ..models import PRESETS, CausalLM, GPTModel, LlamaModel, build_model
 from ..timing import Stopwatch
 from .floor import Floor, floor_step
+from .gap import LLAMA_GAP_PARTS, functional_llama_step, fused_weights, llama_ops_per_step
 from .plan import DTYPES, HF_KINDS, PROMPT
 from .runners import HFRunner, KvlibRunner, hf_twin, time_run
 
@@ -90,26 +91,44 @@ def functional_step(model: GPTModel, tok: Tensor, kv_len: int,
     return F.linear(norm(x, model.ln_f), model.lm_head.weight)  # (B, vocab)
 
 
-def gap_variants(model: GPTModel, tok: Tensor, kv_len: int) -> dict[str, Callable[[], Tensor]]:
+def gap_variants(model: CausalLM, tok: Tensor, kv_len: int) -> dict[str, Callable[[], Tensor]]:
     """The steps ``floor_gap`` times, by name: kvlib's, the bare one, the bare one without each
-    kind of small op, and the matrix products alone."""
+    kind of small op, the matrix products alone and, for a Llama, the bare one with fused
+    projections."""
+    llama = isinstance(model, LlamaModel)
+    step, parts = (functional_llama_step, LLAMA_GAP_PARTS) if llama else (functional_step,
+                                                                        GAP_PARTS)
+
     def bare(drop: frozenset[str] = frozenset()) -> Callable[[], Tensor]:
-        return lambda: functional_step(model, tok, kv_len, drop)
+        return lambda: step(model, tok, kv_len, drop)
 
-    return {"kvlib step (modules)": lambda: decode_one(model, tok),
-            "bare functional step": bare(),
-            **{f"without {part}": bare(frozenset({part})) for part in GAP_PARTS},
-            "matrix products only": bare(frozenset(GAP_PARTS))}
+    out = {"kvlib step (modules)": lambda: decode_one(model, tok),
+           "bare functional step": bare(),
+           **{f"without {part}": bare(frozenset({part})) for part in parts},
+           "matrix products only": bare(frozenset(parts))}
+    if llama:
+        fused = fused_weights(model)
+        out["bare, q/k/v and gate/up fused"] = lambda: step(model, tok, kv_len, fused=fused)
+    return out
 
 
-def floor_gap(model: GPTModel, kv_len: int = 100, rounds: int = 100) -> dict:
-    """Where a decode step's time above the floor goes, measured on the real model.
+def ops_per_step(model: CausalLM) -> dict[str, int]:
+    """How many small ops of each left-out kind a decode step runs."""
+    if isinstance(model, LlamaModel):
+        return llama_ops_per_step(model)
+    n = model.cfg.n_layers
+    return {"layernorm": 2 * n + 1, "gelu": n, "attention": n, "residual": 2 * n}
+
+
+def floor_gap(model: CausalLM, kv_len: int = 100, rounds: int = 100) -> dict:
+    """Where a decode step's time above the floor goes, measured on the real model (GPT-2 or
+    Llama family).
 
     In turn, each round: kvlib's step (``decode_one``, prealloc, ``kv_len`` cached tokens), the same
-    step as bare functional calls (``functional_step``), that step without each kind of small op,
-    with only its matrix products left, and the floor. Medians over the rounds; the order rotates.
-    A small op between two weight reads finds its code and data evicted by megabytes of weights,
-    so it costs far more here than in a loop of its own."""
+    step as bare functional calls (``functional_step``, ``functional_llama_step``), that step
+    without each kind of small op, with only its matrix products left, and the floor. Medians
+    over the rounds; the order rotates. A small op between two weight reads finds its code and
+    data evicted by megabytes of weights, so it costs far more here than in a loop of its own."""
     p = next(model.parameters())
     tok = torch.tensor([PROMPT[:1]], device=p.device)
     gen = torch.Generator().manual_seed(0)
@@ -124,10 +143,9 @@ def floor_gap(model: GPTModel, kv_len: int = 100, rounds: int = 100) -> dict:
         variants["floor"] = lambda: floor_step(floor.chain, floor.x)
         # kvlib's step adds a token to the caches: each round starts from the prompt again
         times = in_turns(variants, rounds, p.device, before_round=lambda: prefill(model, prompt))
-    n = model.cfg.n_layers
     return {"kv_len": kv_len, "rounds": rounds, "ms": {k: median_ms(v) for k, v in times.items()},
-            "same_logits": same,
-            "ops_per_step": {"layernorm": 2 * n + 1, "gelu": n, "attention": n, "residual": 2 * n}}
+            "same_logits": same, "ops_per_step": ops_per_step(model),
+            "threads": torch.get_num_threads(), "environment": environment_info("cpu")}
 
 
 def in_turns(calls: dict[str, Callable[[], object]], rounds: int, device: torch.device,

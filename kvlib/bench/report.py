@@ -275,13 +275,21 @@ def twin_lines(ov: dict) -> list[str]:
     return lines
 
 
+def _where(g: dict) -> str:
+    """", 1 thread(s), <cpu>" when the run recorded them (a gap run of its own does)."""
+    env = g.get("environment")
+    return f", {g['threads']} thread(s), {env['cpu_model']}" if env else ""
+
+
 def gap_text(g: dict, model: str) -> list[str]:
     """The floor-gap table: each variant's step, its ratio to the floor, and for each left-out
     kind of op what one op of it cost (time saved / ops per step)."""
     ms, floor, bare = g["ms"], g["ms"]["floor"], g["ms"]["bare functional step"]
     lines = [
-        "## Where the time above the floor goes\n",
-        f"`floor_gap` on {model}, prealloc, {g['kv_len']} cached tokens: kvlib's decode step, "
+        f"## Where the time above the floor goes: {model}"
+        + (f", {g['threads']} thread(s)\n" if g.get("threads") else "\n"),
+        f"`floor_gap` on {model}, prealloc, {g['kv_len']} cached tokens{_where(g)}: kvlib's "
+        "decode step, "
         "the same step written as bare functional calls (same logits: "
         f"{'yes' if g['same_logits'] else 'NO'}), that step without each kind of small op, "
         f"and the floor, one after the other in {g['rounds']} rounds (medians). The matrix "
