@@ -47,8 +47,9 @@ def test_compiled_decoding_takes_a_fourth_turn(tmp_path, run_like_data):
     text = report({**run_like_data(), "lockstep": [d]})
     assert "## Lockstep: tiny-llama" in text and "compiled step / floor" in text
     assert "tiny-llama, 1 thread(s), 6 tokens" not in text  # judged at 200 tokens: not measured
-    assert "tiny-llama, 1 thread(s), 200 tokens, lockstep: prealloc compiled median decode step" \
-        " / floor | n/ax | <= 1.5 | not measured |" in text
+    cpu = d["environment"]["cpu_model"]
+    assert (f"tiny-llama, 1 thread(s), 200 tokens, lockstep ({cpu}): prealloc compiled median "
+            "decode step / floor | n/ax | <= 1.5 | not measured |") in text
 
 
 def test_lockstep_summary_cancels_drift_per_floor_step():

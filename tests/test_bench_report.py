@@ -65,10 +65,12 @@ def test_compile_verdict_follows_the_numbers():
 
 REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",
                "benchmarks/compile.json", "--lockstep", "benchmarks/lockstep.json",
+               "--lockstep", "benchmarks/lockstep-gpt2-intel.json",
                "--lockstep", "benchmarks/lockstep-mini-llama-1.json",
                "--lockstep", "benchmarks/lockstep-mini-llama-2.json",
                "--gap", "benchmarks/gap-mini-llama-1.json",
                "--gap", "benchmarks/gap-mini-llama-2.json",
+               "--gap", "benchmarks/gap-gpt2-intel.json",
                "--also", "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json",
                "--serving", "benchmarks/serving.json", "--compress", "benchmarks/compress.json",
                "--speculative", "benchmarks/speculative.json", "--surgery",

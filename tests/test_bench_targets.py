@@ -50,6 +50,8 @@ def test_a_small_models_lockstep_is_judged_eager_and_compiled():
     assert [(t["value"], t["limit"], t["met"]) for t in rows] == [
         (1.2, 1.5, False), (2.1, 1.5, False), (1.7, 1.5, True), (1.45, 1.5, True)]
     assert all(t["target"].startswith("mini-llama, 2 thread(s), 200 tokens") for t in rows)
+    d["environment"]["cpu_model"] = "AMD EPYC"  # the machine type, in every row's name
+    assert all("lockstep (AMD EPYC):" in t["target"] for t in lockstep_targets(d))
     del d["runs"][0]["compiled_over_floor"]  # compiled decoding did not run: never a pass
     assert lockstep_targets(d)[3]["met"] is None
 

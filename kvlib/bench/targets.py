@@ -198,11 +198,13 @@ def lockstep_targets(d: dict) -> list[dict]:
     a run on another model than gpt2 is judged by the small model's targets, at its threads."""
     runs = {r["new_tokens"]: r for r in d["runs"]}
     small = d.get("model", "gpt2") != "gpt2"
-    prefix = (f"{d['model']}, {d['environment']['threads']} thread(s), " if small else "")
+    env = d.get("environment", {})
+    prefix = (f"{d['model']}, {env['threads']} thread(s), " if small else "")
+    where = f" ({env['cpu_model']})" if env.get("cpu_model") else ""  # machine types differ
     out = []
     for key, measured, name in SMALL_LOCKSTEP if small else LOCKSTEP:
         n = TARGETS[key].new_tokens
         value = runs[n].get(measured, {}).get("median") if n in runs else None
-        out.append(target_row(key, prefix + f"{n} tokens, lockstep: "
+        out.append(target_row(key, prefix + f"{n} tokens, lockstep{where}: "
                               + name.format(s=d["strategy"]), value))
     return out
