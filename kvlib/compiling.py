@@ -64,3 +64,13 @@ def check_compilable(cache: str | None, draft: object, num_beams: int) -> None:
         raise ValueError(f"compile=True compiles caches whose buffers keep their shape from "
                          f"step to step, {fixed}, not cache={cache!r} (it would recompile): use "
                          f"one of those or compile=False")
+
+
+@contextlib.contextmanager
+def compiled_decoding(model: CausalLM, cache: str | None, draft: object = None,
+                      num_beams: int = 1) -> Iterator[nn.Module]:
+    """``with compiled_decoding(model, "prealloc") as fast: ...``: the checks, the settings and
+    the compiled model that ``generate(..., compile=True)`` decodes with (the benchmarks too)."""
+    check_compilable(cache, draft, num_beams)
+    with compiling():
+        yield compiled(model)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .caches import STRATEGIES, strategy
 from .caches.registry import parameters
-from .compiling import check_compilable, compiled, compiling
+from .compiling import compiled_decoding
 from .models import CausalLM, check_token_ids
 from .sampling import sample
 from .speculative import DraftModel, PromptLookup, Sampling, check_draft, speculate
@@ -361,10 +361,9 @@ def generate(model: CausalLM, idx: Tensor | list[Tensor], max_new_tokens: int,
     tokens; the first call compiles (tens of seconds), later ones reuse it.
     """
     if compile:
-        check_compilable(cache, draft, num_beams)
-        with compiling():
-            return generate(compiled(model), idx, max_new_tokens, cache, window, temperature,
-                            top_k, seed, eos_id, **cache_options)
+        with compiled_decoding(model, cache, draft, num_beams) as fast:
+            return generate(fast, idx, max_new_tokens, cache, window, temperature, top_k, seed,
+                            eos_id, **cache_options)
     if num_beams != 1:
         _check_beams(idx, num_beams, temperature, eos_id, draft)
         beams, _, times = beam_search(model, idx, max_new_tokens, num_beams, cache, window,

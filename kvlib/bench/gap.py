@@ -28,8 +28,7 @@ def fused_weights(model: LlamaModel) -> list[tuple[Tensor, Tensor]]:
     laid out as ``arrange_weights`` lays out the model's own."""
     def stack(*ws: Tensor) -> Tensor:
         w = torch.cat([w.detach() for w in ws])
-        like = ws[0]
-        return w.t().contiguous().t() if like.stride(0) == 1 else w.contiguous()
+        return w.t().contiguous().t() if ws[0].stride(0) == 1 else w  # transposed, as theirs
 
     return [(stack(b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
                    b.self_attn.v_proj.weight),

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..compiling import check_compilable, compiled, compiling
+from ..compiling import compiled_decoding
 from ..generate import generate_stream
 from ..hf import to_transformers as hf_twin  # noqa: F401  (the benchmarks' name for it)
 from ..models import CausalLM
@@ -29,11 +29,8 @@ class KvlibRunner:
 
     def stream(self, idx: Tensor, n: int) -> Iterator[tuple[Tensor, float]]:
         cache = None if self.strategy == "none" else self.strategy
-        model, settings = self.model, contextlib.nullcontext()
-        if self.compile:
-            check_compilable(cache, None, 1)
-            model, settings = compiled(self.model), compiling()
-        with settings:
+        with (compiled_decoding(self.model, cache) if self.compile
+              else contextlib.nullcontext(self.model)) as model:
             for step in generate_stream(model, idx, n, cache=cache, window=self.window):
                 yield step.tokens, step.seconds
 
