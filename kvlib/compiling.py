@@ -4,14 +4,19 @@ compile=True)``.
 A small model's decode step is mostly the fixed cost of many small operations (Python, the
 dispatcher, one kernel launch each: ``kvlib.bench.profiling.profile_decode_step``), not the
 arithmetic. ``torch.compile`` traces the forward once and fuses those operations into a few
-generated kernels. Two settings make one graph serve every step: ``dynamic=True`` (the number
-of cached tokens, hence the attention's shapes, changes at every step) and dynamo's
-``allow_unspec_int_on_nn_module`` (the caches' counters are plain ints on modules, which dynamo
-would otherwise bake into the graph as constants and recompile for at every step).
+generated kernels. One graph serves every step because the caches' counters (``seen``, the
+tokens held, and ``max_len``) and their buffers' token dimension are named symbolic
+(``CACHE_COUNTERS``, through ``torch.compiler.config.dynamic_sources``): dynamo would otherwise
+bake those ints into the graph as constants and recompile at every step. Every other int on the
+model (heads, head size, ...) stays a constant, so dynamo has few guards to check before each
+step. Marking every int on every module symbolic instead (``allow_unspec_int_on_nn_module``,
+this module's first way) added some 400 guards that reason about ``n_heads`` and
+``head_dim``, checked in Python at every step: in one process on the Intel type, one thread,
+that made a mini-llama step 1.55x its floor against 1.34x now.
 
-Compiling costs tens of seconds the first time; it pays where a step is overhead-bound (the
-trained minis) and not where it is weight-bound (GPT-2 124M reads 0.5 GB of weights a step
-either way): ``python -m kvlib.bench compile`` measures both, and the compile time.
+Compiling costs tens of seconds the first time. It pays most where a step is overhead-bound
+(the trained minis) and little where it is weight-bound (GPT-2 124M reads 0.5 GB of weights a
+step either way): ``python -m kvlib.bench compile`` measures both, and the compile time.
 """
 
 from __future__ import annotations
@@ -26,29 +31,44 @@ from torch import nn
 from .caches import STRATEGIES, strategy
 from .models import CausalLM
 
+# Sources (dynamo's names for what the forward reads) of the ints and dims that change from step
+# to step or from call to call: every attention layer's cache counters and its buffers' tokens.
+CACHE_COUNTERS = (r".*\['kv_cache'\]\.(seen|max_len),"
+                  r".*\['kv_cache'\]\._buffers\['(keys|values)'\]:2")
+
 _COMPILED: weakref.WeakKeyDictionary[CausalLM, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def compiled(model: CausalLM) -> nn.Module:
-    """``torch.compile(model, dynamic=True)``, made once per model and kept while the model
+    """``torch.compile(model)``, made once per model and kept while the model
     lives; it reads and writes the model's own weights and caches (attributes go through to
     ``model``). Call it inside ``compiling()``."""
     if not isinstance(model, CausalLM):
         raise TypeError(f"compile=True takes a kvlib model, got {type(model).__name__}")
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True)
+        _COMPILED[model] = torch.compile(model)
     return _COMPILED[model]
 
 
 @contextlib.contextmanager
 def compiling() -> Iterator[None]:
-    """The settings under which ``compiled`` models trace: the caches' int counters stay
-    symbolic instead of being baked into the graph, and inductor writes the code that calls
-    its kernels in C++ (``cpp_wrapper``) rather than Python, which takes a few microseconds
-    off every one of a decode step's calls (and adds seconds to the compilation)."""
-    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True,
-                                    force_nn_module_property_static_shapes=False), \
-            torch._inductor.config.patch(cpp_wrapper=True):
+    """The settings under which ``compiled`` models trace and run.
+
+    - The caches' counters stay symbolic instead of being baked into the graph; any other dim
+      that changes between calls (the prompt's length, the batch) turns symbolic at its first
+      recompilation.
+    - Inductor writes the code that calls its kernels in C++ (``cpp_wrapper``) rather than
+      Python: a few microseconds off every one of a decode step's calls, seconds more to
+      compile.
+    - Dynamo checks its guards on symbolic shapes in C++, and skips the guards of a module whose
+      ``__dict__`` has not changed since the last step (``use_recursive_dict_tags_for_guards``):
+      the weights' modules, not the caches, whose counters move at every step. That assumes a
+      module's tensors are not changed in place behind its back (``param.data = other``);
+      loading weights with ``load_state_dict`` copies values and is fine."""
+    with torch.compiler.config.patch(dynamic_sources=CACHE_COUNTERS), \
+            torch._inductor.config.patch(cpp_wrapper=True), \
+            torch._dynamo.config.patch(enable_cpp_symbolic_shape_guards=True,
+                                       use_recursive_dict_tags_for_guards=True):
         yield
 
 

@@ -42,6 +42,18 @@ def test_lockstep_targets_are_judged_from_the_numbers():
     assert [t["met"] for t in lockstep_targets(d)][2:] == [None, None]
 
 
+def test_gpt2s_compiled_decoding_is_judged_when_the_lockstep_ran_it():
+    d = _lockstep()
+    assert not any("compiled" in t["target"] for t in lockstep_targets(d))
+    d["compiled"] = True
+    d["runs"][0].update(compiled_over_hf_tokens_per_s={"median": 1.33},
+                        compiled_over_floor={"median": 1.12})
+    rows = lockstep_targets(d)[4:]
+    assert [(t["value"], t["limit"], t["met"]) for t in rows] == [(1.33, 1.2, True),
+                                                                  (1.12, 1.15, True)]
+    assert all("compiled" in t["target"] for t in rows)
+
+
 def test_a_small_models_lockstep_is_judged_eager_and_compiled():
     d = {"model": "mini-llama", "strategy": "prealloc", "environment": {"threads": 2},
          "runs": [_lockstep_run(200, kvlib_over_hf_tokens_per_s=1.2, step_over_floor=2.1,

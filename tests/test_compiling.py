@@ -32,3 +32,23 @@ def test_compile_refuses_what_it_does_not_compile(tiny):
         kvlib.generate(tiny, ids, 4, cache="concat", compile=True)
     with pytest.raises(ValueError, match="plain decoding"):
         kvlib.generate(tiny, ids, 4, cache="prealloc", draft="lookup", compile=True)
+
+
+def test_one_graph_serves_every_decode_step(make_llama):
+    """The caches' counters are symbolic: after the first decode steps no step compiles again
+    (with the counters baked in as constants, every step would compile a graph of its own)."""
+    from torch._dynamo.utils import counters
+
+    from kvlib.compiling import compiled_decoding
+    from kvlib.generate import generate_stream
+
+    model = make_llama("tiny-llama", seed=1)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    with compiled_decoding(model, "prealloc") as fast:
+        steps = generate_stream(fast, ids, 16, cache="prealloc")
+        for _ in range(3):  # the prefill and the first decode steps compile
+            next(steps)
+        graphs = counters["stats"]["unique_graphs"]
+        tokens = [step.tokens for step in steps]
+    assert len(tokens) == 13
+    assert counters["stats"]["unique_graphs"] == graphs

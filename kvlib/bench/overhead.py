@@ -168,7 +168,7 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
     """Does ``torch.compile`` pay for the preallocated cache's decode step on this machine?
 
     The same model run eagerly and through ``kvlib.compiling.compiled`` (what
-    ``generate(..., compile=True)`` runs: ``torch.compile(model, dynamic=True)``, the caches'
+    ``generate(..., compile=True)`` runs: ``torch.compile(model)`` with the caches'
     counters symbolic), prefill eager, ``n - 1`` greedy decode steps each; the first compiled
     run includes the compilation. Rounds alternate eager and compiled."""
     from ..compiling import compiled as compile_model

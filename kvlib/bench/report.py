@@ -321,8 +321,8 @@ def compile_text(c: dict) -> str:
         verdict = (f"does not pay: {gain:+.2f} ms a step ({100 * gain / e:+.1f}%; {how}), so "
                    "leave `compile=False` for this model")
     cpu = c.get("environment", {}).get("cpu_model", "this machine")
-    return (f"`generate(..., compile=True)` (`torch.compile(model, dynamic=True)`, C++ "
-            f"wrapper) on {c['model']} with the preallocated cache, {cpu}, "
+    return (f"`generate(..., compile=True)` (`torch.compile(model)`, the caches' "
+            f"counters symbolic, C++ wrapper) on {c['model']} with the preallocated cache, {cpu}, "
             f"{c['new_tokens']} tokens, {c['threads']} thread(s): the first run (compilation "
             f"included; inductor's on-disk cache may shorten it) took {c['first_run_s']:.0f} s; "
             f"then a decode step takes {k:.2f} ms "

@@ -182,6 +182,12 @@ LOCKSTEP = [  # (target, what the lockstep run measured of it, how the report na
      "by the floor step beside it"),
 ]
 
+LOCKSTEP_COMPILED = [  # gpt2's lockstep run with --compile: compiled decoding, judged alike
+    ("faster_than_hf_200", "compiled_over_hf_tokens_per_s",
+     "{s} compiled / HF DynamicCache, decode tokens/s"),
+    ("near_floor_200", "compiled_over_floor", "{s} compiled median decode step / floor"),
+]
+
 
 SMALL_LOCKSTEP = [  # a small model's lockstep run: eager, then compiled when it ran
     ("mini_faster_than_hf_200", "kvlib_over_hf_tokens_per_s",
@@ -195,14 +201,16 @@ SMALL_LOCKSTEP = [  # a small model's lockstep run: eager, then compiled when it
 
 def lockstep_targets(d: dict) -> list[dict]:
     """The ratio targets again, from a lockstep run: same rows as ``targets``, marked lockstep;
-    a run on another model than gpt2 is judged by the small model's targets, at its threads."""
+    a run on another model than gpt2 is judged by the small model's targets, at its threads;
+    gpt2's compiled decoding, when the run had it, by gpt2's."""
     runs = {r["new_tokens"]: r for r in d["runs"]}
     small = d.get("model", "gpt2") != "gpt2"
     env = d.get("environment", {})
     prefix = (f"{d['model']}, {env['threads']} thread(s), " if small else "")
     where = f" ({env['cpu_model']})" if env.get("cpu_model") else ""  # machine types differ
     out = []
-    for key, measured, name in SMALL_LOCKSTEP if small else LOCKSTEP:
+    rows = SMALL_LOCKSTEP if small else LOCKSTEP + (LOCKSTEP_COMPILED if d.get("compiled") else [])
+    for key, measured, name in rows:
         n = TARGETS[key].new_tokens
         value = runs[n].get(measured, {}).get("median") if n in runs else None
         out.append(target_row(key, prefix + f"{n} tokens, lockstep{where}: "
