@@ -72,6 +72,7 @@ REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks",
                "--gap", "benchmarks/gap-mini-llama-2.json",
                "--gap", "benchmarks/gap-gpt2-intel.json",
                "--also", "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json",
+               "--streaming", "benchmarks/streaming-compiled.json",
                "--serving", "benchmarks/serving.json", "--compress", "benchmarks/compress.json",
                "--speculative", "benchmarks/speculative.json", "--surgery",
                "benchmarks/surgery.json", "--latent", "benchmarks/latent.json"]

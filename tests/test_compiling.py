@@ -52,3 +52,15 @@ def test_one_graph_serves_every_decode_step(make_llama):
         tokens = [step.tokens for step in steps]
     assert len(tokens) == 13
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("cache, options", [("sinks", {"window": 12, "n_sink": 2}),
+                                            ("recompute", {"window": 12})])
+def test_compiled_streaming_gives_the_tokens_of_eager_streaming(make_llama, cache, options):
+    """Far past the trained positions (RoPE's angles computed past the table) and the cache's
+    capacity (the sink cache's ring wraps, its sinks move): the same tokens compiled."""
+    model = make_llama("tiny-llama", seed=2, context_length=32)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    eager = kvlib.generate(model, ids, 75, cache=cache, **options)
+    compiled = kvlib.generate(model, ids, 75, cache=cache, compile=True, **options)
+    assert torch.equal(compiled.tokens, eager.tokens)

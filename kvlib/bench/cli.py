@@ -106,9 +106,12 @@ def add_other_parsers(sub) -> None:
     st.add_argument("--repeats", type=int, default=3)
     st.add_argument("--warmup", type=int, default=1)
     st.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    st.add_argument("--compile", action="store_true", help="every strategy decodes compiled "
+                    "(generate(..., compile=True)); the warm-up pass compiles")
     st.add_argument("--out", default="streaming.json")
     st.add_argument("--no-progress", action="store_true")
-    rep.add_argument("--streaming", help="a JSON written by the streaming command, to include")
+    rep.add_argument("--streaming", action="append", default=[], help="a JSON written by the "
+                     "streaming command, to include; repeatable")
     rep.add_argument("--serving", help="a JSON written by the serving command, to include")
     rep.add_argument("--compress", help="a JSON written by the compress command, to include")
     for name in ("speculative", "surgery", "latent"):
@@ -218,9 +221,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.lockstep:
         data["lockstep"] = [_read(path) for path in args.lockstep]
     print(report(data, args.plots_dir))
-    if args.streaming:
+    for path in args.streaming:
         print("\n---\n")
-        print("\n".join(streaming_lines(_read(args.streaming))))
+        print("\n".join(streaming_lines(_read(path))))
     if args.serving:
         print("\n---\n")
         print("\n".join(serving_lines(_read(args.serving)["runs"])))
@@ -266,7 +269,7 @@ def cmd_lockstep(args: argparse.Namespace, argv: list[str]) -> None:
 
 def cmd_streaming(args: argparse.Namespace, argv: list[str]) -> None:
     d = streaming(args.model, args.length, args.window, args.n_sink, args.repeats, args.warmup,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, compile=args.compile)
     d["command"] = _command(argv)
     _write(args.out, d)
     print("\n".join(streaming_lines(d)))

@@ -6,7 +6,9 @@ cache that keeps everything, and StreamingLLM's baseline, the window recomputed 
 ("recompute"). At ``length / 8``, ``/ 4``, ``/ 2`` and ``length`` the decode step is timed
 (the median of the ``probe`` steps that end there) and the bytes each cache holds are read.
 Recomputation does not depend on what came before, so it is timed only at those lengths.
-Every number is the median over ``repeats`` passes, after ``warmup`` passes.
+Every number is the median over ``repeats`` passes, after ``warmup`` passes. ``compile``: every
+strategy decodes as ``generate(..., compile=True)`` does (the warm-up pass compiles), so the
+comparison is compiled against compiled.
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ def _lengths(length: int) -> list[int]:
     return [length // 8, length // 4, length // 2, length]
 
 
-def _stream(model, ids: torch.Tensor, strategy: str, window: int, n_sink: int, probe: int
-            ) -> dict:
+def _stream(model, ids: torch.Tensor, strategy: str, window: int, n_sink: int, probe: int,
+            compile: bool = False) -> dict:
     """One pass: step times (ms) and bytes held at each checkpoint length."""
     marks = _lengths(ids.shape[1])
     opts = {"prealloc": {}, "sinks": {"window": window, "n_sink": n_sink},
             "recompute": {"window": window}}[strategy]
     if strategy == "recompute":  # each step is independent of the ones before: time the probes
-        runs = [time_decode(model, ids[:, :L], L - probe, strategy, **opts) for L in marks]
+        runs = [time_decode(model, ids[:, :L], L - probe, strategy, compile=compile, **opts)
+                for L in marks]
         return {"step_ms": [r.median_ms for r in runs], "bytes": [r.nbytes[-1] for r in runs]}
-    run = time_decode(model, ids, 1, strategy, **opts)
+    run = time_decode(model, ids, 1, strategy, compile=compile, **opts)
     seconds = run.seconds[0]  # step i brings the text to i + 2 tokens
     return {"step_ms": [median_ms(seconds[L - 1 - probe : L - 1]) for L in marks],
             "bytes": [run.nbytes[L - 2] for L in marks]}
@@ -45,7 +48,7 @@ def _stream(model, ids: torch.Tensor, strategy: str, window: int, n_sink: int, p
 
 def streaming(model_name: str = "mini-llama", length: int = 2048, window: int | None = None,
               n_sink: int = 4, repeats: int = 3, warmup: int = 1, probe: int = 32,
-              seed: int = 0, progress: bool = True) -> dict:
+              seed: int = 0, progress: bool = True, compile: bool = False) -> dict:
     """Measure; see the module docstring. ``window`` defaults to the context less the sinks."""
     model = load_model(model_name)
     ctx = model.cfg.context_length
@@ -60,7 +63,7 @@ def streaming(model_name: str = "mini-llama", length: int = 2048, window: int | 
         warnings.simplefilter("ignore")  # prealloc passes the trained context: it warns once
         for i in range(warmup + repeats):
             for s in STRATEGIES:
-                r = _stream(model, ids, s, window, n_sink, probe)
+                r = _stream(model, ids, s, window, n_sink, probe, compile)
                 if i >= warmup:
                     runs[s].append(r)
                 bar.update()
@@ -70,9 +73,9 @@ def streaming(model_name: str = "mini-llama", length: int = 2048, window: int | 
                "bytes": rs[0]["bytes"]} for s, rs in runs.items()}
     return {"kind": "streaming", "model": model_name, "context_length": ctx, "window": window,
             "n_sink": n_sink, "lengths": _lengths(length), "repeats": repeats, "warmup": warmup,
-            "probe": probe, "threads": torch.get_num_threads(), "dtype": "float32",
-            "device": "cpu", "environment": environment_info(), "strategies": med,
-            "targets": streaming_targets(med)}
+            "probe": probe, "compiled": compile, "threads": torch.get_num_threads(),
+            "dtype": "float32", "device": "cpu", "environment": environment_info(),
+            "strategies": med, "targets": streaming_targets(med)}
 
 
 def streaming_targets(med: dict) -> list[dict]:
@@ -91,13 +94,16 @@ def streaming_lines(d: dict) -> list[str]:
     """The Markdown section of a streaming run."""
     env = d["environment"]  # the load at the start: other work on the machine
     lines = [
-        "## Streaming past the context (attention sinks)", "",
+        "## Streaming past the context (attention sinks)"
+        + (", compiled" if d.get("compiled") else ""), "",
         f"`{d['model']}` (context {d['context_length']}), {d['n_sink']} sinks + window "
         f"{d['window']}, {d['dtype']} on {d['device']}, {d['threads']} threads, "
         f"{env.get('cpu_model', '?')}, torch {env.get('torch', '?')}, load average "
         f"{env.get('load_avg', [float('nan')])[0]:.2f} at the start; median of {d['repeats']} "
         f"passes after {d['warmup']} warm-up, "
-        f"each step time the median of the {d['probe']} steps ending at that length. "
+        + ("every strategy compiled (`generate(..., compile=True)`; the warm-up compiles), "
+           if d.get("compiled") else "")
+        + f"each step time the median of the {d['probe']} steps ending at that length. "
         f"Command: `{d.get('command', 'python -m kvlib.bench streaming')}`", "",
         "| strategy | " + " | ".join(f"step ms at {L}" for L in d["lengths"])
         + " | " + " | ".join(f"KiB at {L}" for L in d["lengths"]) + " |",

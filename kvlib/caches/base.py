@@ -46,7 +46,8 @@ class Traits:
     reuses_slots: bool = False  # a slot's position is not its index (a ring): see slot_positions
     takes_padding: bool = False  # works for a left-padded batch (rows at different positions)
     rolls_back: bool = True  # crop(n) works whenever asked (speculative decoding's rejections)
-    compiles: bool = False  # buffers of one shape every step: one torch.compile graph serves
+    compiles: bool = False  # shapes that settle (buffers of one size, a fixed window): a few
+    # torch.compile graphs serve every step (generate(..., compile=True) takes it)
 
 
 class KVCache(nn.Module):

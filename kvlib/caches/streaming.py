@@ -58,7 +58,7 @@ class SinkCache(KVCache):
     """
 
     name = "sinks"
-    traits = Traits(one_token_when_full=True, reuses_slots=True)
+    traits = Traits(one_token_when_full=True, reuses_slots=True, compiles=True)
 
     def __init__(self, window: int, n_sink: int = N_SINK, inv_freq: Tensor | None = None) -> None:
         super().__init__()
@@ -156,7 +156,7 @@ class RecomputeCache(NoCache):
     tokens per new token."""
 
     name = "recompute"
-    traits = Traits(keeps_tokens=False, recomputes_window=True, rolls_back=False)
+    traits = Traits(keeps_tokens=False, recomputes_window=True, rolls_back=False, compiles=True)
 
     def __init__(self, window: int) -> None:
         if window <= 0:

@@ -14,12 +14,14 @@ and are dropped; ``repeats`` passes are kept. The model is handed back as it was
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..compiling import compiled_decoding
 from ..generate import decode_one, prefill
 from ..models import CausalLM
 from ..state import model_device, preserved_state
@@ -47,25 +49,31 @@ class DecodeTimes:
 
 
 def _one_pass(model: CausalLM, ids: Tensor, first: int, device: torch.device,
-              cache: str, options: dict) -> tuple[list[float], list[int]]:
-    """A fresh cache, an untimed prefill of ``first`` tokens, then every later token timed."""
+              cache: str, options: dict, compile: bool) -> tuple[list[float], list[int]]:
+    """A fresh cache, an untimed prefill of ``first`` tokens, then every later token timed;
+    ``compile``: the forwards through the compiled model (``kvlib.compiling``)."""
     model.set_kv_cache(cache, **options)
-    prefill(model, ids[:, :first])
-    seconds, nbytes = [], []
-    for t in range(first, ids.shape[1]):
-        with Stopwatch(device) as sw:
-            decode_one(model, ids[:, : t + 1])
-        seconds.append(sw.seconds)
-        nbytes.append(model.kv_cache_nbytes)
+    with (compiled_decoding(model, cache) if compile
+          else contextlib.nullcontext(model)) as run:
+        prefill(run, ids[:, :first])
+        seconds, nbytes = [], []
+        for t in range(first, ids.shape[1]):
+            with Stopwatch(device) as sw:
+                decode_one(run, ids[:, : t + 1])
+            seconds.append(sw.seconds)
+            nbytes.append(model.kv_cache_nbytes)
     return seconds, nbytes
 
 
 @torch.inference_mode()
 def time_decode(model: CausalLM, ids: Tensor, first: int, cache: str = "concat", *,
-                repeats: int = 1, warmup: int = 0, **options) -> DecodeTimes:
+                repeats: int = 1, warmup: int = 0, compile: bool = False,
+                **options) -> DecodeTimes:
     """Prefill ``ids[:, :first]`` and time the decode step of each later token of ``ids``
     ``(B, T)``, ``repeats`` times after ``warmup`` untimed passes. ``cache`` and ``options``
-    (``window=``, ``bits=``, ...) go to ``model.set_kv_cache``; ``max_len`` defaults to ``T``."""
+    (``window=``, ``bits=``, ...) go to ``model.set_kv_cache``; ``max_len`` defaults to ``T``.
+    ``compile``: decode as ``generate(..., compile=True)`` does (the first pass compiles: give
+    it a warm-up)."""
     T = ids.shape[1]
     if not 1 <= first < T:
         raise ValueError(f"first must leave at least one token to prefill and one to decode: "
@@ -77,7 +85,7 @@ def time_decode(model: CausalLM, ids: Tensor, first: int, cache: str = "concat",
     device = model_device(model)
     with preserved_state(model):
         for i in range(warmup + repeats):
-            seconds, nbytes = _one_pass(model, ids, first, device, cache, options)
+            seconds, nbytes = _one_pass(model, ids, first, device, cache, options, compile)
             if i >= warmup:
                 out.seconds.append(seconds)
                 out.nbytes = nbytes

@@ -28,14 +28,7 @@ from torch import Tensor, nn
 
 from ..caches import LayerSpec
 from ..rotary import apply_rope, rotate_half  # noqa: F401  (rotate_half: chapter 7 shows it here)
-from .base import (
-    CachedAttention,
-    CausalLM,
-    attend,
-    attend_with,
-    attention_weights,
-    check_token_ids,
-)
+from .base import CachedAttention, CausalLM, attend, attend_with, attention_weights, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -215,9 +208,12 @@ class RotaryEmbedding(nn.Module):
         return first, self._pages[1], self._pages[2]
 
     def forward(self, start: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``, in ``like``'s dtype."""
+        """cos and sin ``(T, D)`` of positions ``start .. start + T - 1``, in ``like``'s dtype.
+        Compiled, past the table, just those positions' (a page would be a guard per page)."""
         if (end := start + T) <= self._table(like):
             return self.cos[start:end], self.sin[start:end]
+        if torch.compiler.is_compiling():  # one graph serves every position
+            return self.angles(start, end, like.device, like.dtype)
         first, cos, sin = self._past(start, end, like)
         return cos[start - first : end - first], sin[start - first : end - first]
 
