@@ -75,7 +75,8 @@ REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks",
                "--streaming", "benchmarks/streaming-compiled.json",
                "--serving", "benchmarks/serving.json", "--compress", "benchmarks/compress.json",
                "--speculative", "benchmarks/speculative.json", "--surgery",
-               "benchmarks/surgery.json", "--latent", "benchmarks/latent.json"]
+               "benchmarks/surgery.json", "--latent", "benchmarks/latent.json",
+               "--flexpaged", "benchmarks/flexpaged.json"]
 
 
 def test_the_stored_results_render_to_the_stored_report(capsys, monkeypatch):

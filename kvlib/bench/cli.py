@@ -15,6 +15,7 @@ import torch
 from ..loading import load_model
 from .compress import compress, compress_lines
 from .figures import plot
+from .flexpaged import flex_paged, flex_paged_lines
 from .latent import latent, latent_lines
 from .lockstep import lockstep, lockstep_text
 from .overhead import compile_check, floor_gap
@@ -114,7 +115,7 @@ def add_other_parsers(sub) -> None:
                      "streaming command, to include; repeatable")
     rep.add_argument("--serving", help="a JSON written by the serving command, to include")
     rep.add_argument("--compress", help="a JSON written by the compress command, to include")
-    for name in ("speculative", "surgery", "latent"):
+    for name in ("speculative", "surgery", "latent", "flexpaged"):
         rep.add_argument(f"--{name}", help=f"a JSON written by the {name} command, to include")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
@@ -141,6 +142,15 @@ def add_surgery_parsers(sub) -> None:
     la.add_argument("--repeats", type=int, default=5)
     la.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave)")
     la.add_argument("--out", default="latent.json")
+    fp = sub.add_parser("flexpaged", help="paged decode attention: PagedCache's gather against "
+                        "FlexAttention reading blocks through a block table (compiled)")
+    fp.add_argument("--model", default="mini-llama", help="whose attention shape")
+    fp.add_argument("--batch", type=int, default=8)
+    fp.add_argument("--length", type=int, default=240, help="cached tokens per row")
+    fp.add_argument("--block-size", type=int, default=16)
+    fp.add_argument("--rounds", type=int, default=200)
+    fp.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
+    fp.add_argument("--out", default="flexpaged.json")
 
 
 def add_serving_parsers(sub) -> None:
@@ -235,7 +245,7 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
         print("\n---\n")
         print("\n".join(gap_text(g, g["model"]) + [f"Command: `{g['command']}`", ""]))
     for path, lines in ((args.speculative, speculative_lines), (args.surgery, surgery_lines),
-                        (args.latent, latent_lines)):
+                        (args.latent, latent_lines), (args.flexpaged, flex_paged_lines)):
         if path:
             print("\n---\n")
             print("\n".join(lines(_read(path))))
@@ -315,6 +325,13 @@ def cmd_latent(args: argparse.Namespace, argv: list[str]) -> None:
     print("\n".join(latent_lines(d)))
 
 
+def cmd_flexpaged(args: argparse.Namespace, argv: list[str]) -> None:
+    d = flex_paged(args.model, args.batch, args.length, args.block_size, args.rounds)
+    d["command"] = _command(argv)
+    _write(args.out, d)
+    print("\n".join(flex_paged_lines(d)))
+
+
 def cmd_compress(args: argparse.Namespace, argv: list[str]) -> None:
     d = compress(args.model, args.windows, repeats=args.repeats, gpt2=not args.no_gpt2,
                  hf=not args.no_hf, progress=not args.no_progress)
@@ -354,7 +371,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 COMMANDS = {"run": cmd_run, "report": cmd_report, "plot": cmd_plot, "lockstep": cmd_lockstep,
             "compile": cmd_compile, "gap": cmd_gap, "streaming": cmd_streaming,
             "serving": cmd_serving, "compress": cmd_compress, "surgery": cmd_surgery,
-            "speculative": cmd_speculative, "latent": cmd_latent}
+            "speculative": cmd_speculative, "latent": cmd_latent, "flexpaged": cmd_flexpaged}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -200,8 +200,9 @@ class PagedCache(KVCache):
     tokens. (Under a ``RowPager`` every row holds the same tokens, so the gathered keys are cut
     to the filled slots and attention needs no mask, as for "prealloc".)
 
-    Why gather: PyTorch has no attention kernel that reads keys through a block table (vLLM and
-    FlashInfer write their own, which read each block where it lies). The gather is one copy of
+    Why gather: PyTorch's fused attention reads no keys through a block table (vLLM and
+    FlashInfer write kernels that read each block where it lies); FlexAttention does, compiled,
+    and is slower on a CPU (``python -m kvlib.bench flexpaged``). The gather is one copy of
     the batch's live blocks per layer per step, the same bytes attention reads anyway, and then
     the ordinary fused ``scaled_dot_product_attention`` runs on it. ``python -m kvlib.bench
     serving`` measures what it costs against a contiguous cache.
