@@ -116,7 +116,9 @@ def prefill(model: CausalLM, idx: Tensor) -> Tensor:
 
     A cache that recomputes a window sees only the prompt's last ``window`` tokens; one that
     takes one token per call once full (attention sinks, eviction) gets a first chunk of
-    ``capacity`` tokens, then one token at a time."""
+    ``capacity`` tokens, then one token at a time. The ids are checked here, once, not in the
+    forwards: a compiled forward would split its graph at the check."""
+    check_token_ids(idx, model.cfg.vocab_size)
     model.reset_kv_cache()
     cache = model.caches[0]
     traits = cache.traits
@@ -124,8 +126,8 @@ def prefill(model: CausalLM, idx: Tensor) -> Tensor:
         idx = idx[:, -cache.window:]
     first = cache.capacity if traits.one_token_when_full else None
     if first is None or idx.shape[1] <= first:
-        return model(idx, use_cache=True, last_only=True)[:, -1, :]  # (B, vocab)
-    logits = model(idx[:, :first], use_cache=True, last_only=True)
+        return model(idx, use_cache=True, last_only=True, check_ids=False)[:, -1, :]  # (B, vocab)
+    logits = model(idx[:, :first], use_cache=True, last_only=True, check_ids=False)
     for t in range(first, idx.shape[1]):
         logits = model(idx[:, t : t + 1], use_cache=True, last_only=True, check_ids=False)
     return logits[:, -1, :]
@@ -133,9 +135,9 @@ def prefill(model: CausalLM, idx: Tensor) -> Tensor:
 
 def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
     """Logits ``(B, vocab)`` for the token after ``seq``: feed only the newest token when the
-    caches remember the rest, else recompute the whole (cropped) sequence. With a cache the new
-    token skips the id range check: ``prefill`` checked the prompt and later tokens come from the
-    model's own vocabulary."""
+    caches remember the rest, else recompute the whole (cropped) sequence. The forward skips the
+    id range check: ``prefill`` checked the prompt and later tokens come from the model's own
+    vocabulary."""
     cache = model.caches[0]
     traits = cache.traits
     if not traits.keeps_tokens:  # nothing cached: recompute
@@ -145,7 +147,7 @@ def decode_one(model: CausalLM, seq: Tensor) -> Tensor:
             span = model.cfg.context_length
         if span is not None:
             seq = seq[:, -span:]
-        return model(seq, use_cache=True, last_only=True)[:, -1, :]
+        return model(seq, use_cache=True, last_only=True, check_ids=False)[:, -1, :]
     return model(seq[:, -1:], use_cache=True, last_only=True, check_ids=False)[:, -1, :]
 
 

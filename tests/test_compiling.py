@@ -64,3 +64,23 @@ def test_compiled_streaming_gives_the_tokens_of_eager_streaming(make_llama, cach
     eager = kvlib.generate(model, ids, 75, cache=cache, **options)
     compiled = kvlib.generate(model, ids, 75, cache=cache, compile=True, **options)
     assert torch.equal(compiled.tokens, eager.tokens)
+
+
+def test_new_batches_and_lengths_reuse_the_compiled_graphs(make_llama):
+    """A prompt length, a batch or a number of new tokens not seen before turns that dim
+    symbolic once; after that no call compiles again, and each gives eager's tokens (a
+    prefill that split its graph, on the ids check or on a symbolic ``is_causal``, compiled its
+    pieces again and again until dynamo gave up and ran them eagerly)."""
+    from torch._dynamo.utils import counters
+
+    model = make_llama("tiny-llama", seed=3)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=g)
+    calls = [(1, 9, 6), (1, 13, 8), (2, 9, 7), (3, 17, 5), (1, 5, 12), (2, 31, 4), (3, 6, 9)]
+    for k, (b, t, n) in enumerate(calls):
+        if k == 3:
+            graphs = counters["stats"]["unique_graphs"]
+        compiled = kvlib.generate(model, ids[:b, :t], n, cache="prealloc", compile=True)
+        assert torch.equal(compiled.tokens,
+                           kvlib.generate(model, ids[:b, :t], n, cache="prealloc").tokens)
+    assert counters["stats"]["unique_graphs"] == graphs

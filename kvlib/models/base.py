@@ -58,7 +58,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
     gqa = H_kv != H
     if mask is None and (T == 1 or T == S) and (window is None or S <= window):
         # a decode step (one query sees every key) or a prefill (plain causal): no mask work
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1,
+        causal = True if T > 1 else False  # a bool, also when compiled with T symbolic
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
                                               enable_gqa=gqa)
     if mask is None:  # the queries are the last T of S positions, or a window hides the oldest
         mask = attention_mask(T, S, window, q.device)
