@@ -94,3 +94,14 @@ def compiled_decoding(model: CausalLM, cache: str | None, draft: object = None,
     check_compilable(cache, draft, num_beams)
     with compiling():
         yield compiled(model)
+
+
+@contextlib.contextmanager
+def decoding(model: CausalLM, cache: str | None, compile: bool) -> Iterator[nn.Module]:
+    """The model a decode loop calls: ``model`` itself, or with ``compile`` its compiled twin
+    under ``compiled_decoding``'s checks and settings."""
+    if not compile:
+        yield model
+        return
+    with compiled_decoding(model, cache) as fast:
+        yield fast

@@ -56,7 +56,7 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
                 if r >= 0:
                     reps.append(rep)
                 elif compile and "compile_s" not in out:  # the first warm-up compiled it
-                    out["compile_s"] = round(turns.first_compiled_s, 2)
+                    out["compile_s"] = round(turns.first_compiled_s, 4)
             out["runs"].append({"new_tokens": n, "repeats": reps, **lockstep_summary(reps)})
     out["duration_s"] = clock.seconds
     return out

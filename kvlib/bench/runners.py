@@ -4,14 +4,13 @@ holds afterwards. kvlib's loop with each strategy, and transformers' GPT-2 with 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from ..compiling import compiled_decoding
+from ..compiling import decoding
 from ..generate import generate_stream
 from ..hf import to_transformers as hf_twin  # noqa: F401  (the benchmarks' name for it)
 from ..models import CausalLM
@@ -29,8 +28,7 @@ class KvlibRunner:
 
     def stream(self, idx: Tensor, n: int) -> Iterator[tuple[Tensor, float]]:
         cache = None if self.strategy == "none" else self.strategy
-        with (compiled_decoding(self.model, cache) if self.compile
-              else contextlib.nullcontext(self.model)) as model:
+        with decoding(self.model, cache, self.compile) as model:
             for step in generate_stream(model, idx, n, cache=cache, window=self.window):
                 yield step.tokens, step.seconds
 

@@ -14,14 +14,13 @@ and are dropped; ``repeats`` passes are kept. The model is handed back as it was
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..compiling import compiled_decoding
+from ..compiling import decoding
 from ..generate import decode_one, prefill
 from ..models import CausalLM
 from ..state import model_device, preserved_state
@@ -53,8 +52,7 @@ def _one_pass(model: CausalLM, ids: Tensor, first: int, device: torch.device,
     """A fresh cache, an untimed prefill of ``first`` tokens, then every later token timed;
     ``compile``: the forwards through the compiled model (``kvlib.compiling``)."""
     model.set_kv_cache(cache, **options)
-    with (compiled_decoding(model, cache) if compile
-          else contextlib.nullcontext(model)) as run:
+    with decoding(model, cache, compile) as run:
         prefill(run, ids[:, :first])
         seconds, nbytes = [], []
         for t in range(first, ids.shape[1]):
