@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .caches import strategy
 from .models import CausalLM
-from .sampling import sample, warp
+from .sampling import greedy, sample, warp
 from .timing import Stopwatch
 
 MAX_NGRAM = 3  # prompt lookup tries the last 3 tokens, then 2, then 1
@@ -113,7 +113,7 @@ class DraftModel:
         for _ in range(k):
             logits = m(new, use_cache=True, last_only=True, check_ids=False)[:, -1]  # (B, V)
             if how.greedy:
-                new = logits.argmax(dim=-1, keepdim=True)
+                new = greedy(logits)
             else:
                 probs.append(how.probs(logits))
                 new = torch.multinomial(probs[-1], 1, generator=how.generator)
@@ -147,7 +147,7 @@ def accept(logits: Tensor, drafts: Tensor, q: Tensor | None, how: Sampling
     a greedy draft's)."""
     B, k = drafts.shape
     if how.greedy:
-        best = logits.argmax(dim=-1)  # (B, k + 1)
+        best = greedy(logits)[..., 0]  # (B, k + 1)
         kept = (best[:, :k] == drafts).int().cumprod(dim=1).sum(dim=1)  # (B,)
         n = int(kept.min()) if B else 0
         return n, best[:, n], kept

@@ -20,6 +20,20 @@ def test_sample_greedy_temperature_top_k():
     assert kvlib.sample(logits, 1.0, top_k=1000).shape == (1, 1)  # top_k above vocab is clamped
 
 
+def test_greedy_is_argmax_and_takes_the_first_of_equal_maxima():
+    from kvlib.sampling import greedy
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 8192), (8, 50257), (2, 3, 64)):
+        x = torch.randn(shape, generator=g)
+        assert torch.equal(greedy(x), x.argmax(dim=-1, keepdim=True))
+    ties = torch.zeros(3, 100)
+    ties[:, [7, 40, 99]] = 1.0
+    ties[1, 3] = float("nan")  # a NaN is the maximum, as for argmax
+    assert greedy(ties)[:, 0].tolist() == [7, 3, 7]
+    assert greedy(ties.bfloat16())[:, 0].tolist() == [7, 3, 7]
+
+
 def test_seeded_sampling_is_reproducible_and_same_across_caches(tiny):
     p = torch.tensor([[1, 2, 3]])
     a = kvlib.generate(tiny, p, 40, temperature=0.8, top_k=50, seed=11)

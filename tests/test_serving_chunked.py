@@ -148,3 +148,27 @@ def test_a_packed_batch_sees_only_its_own_requests_slots():
     assert seen[0] == [1] * 6 + [0] * 6  # its own slots 0..5
     assert seen[1] == [0] * 8 + [1, 0, 0, 0]  # request 1's first slot only
     assert seen[2] == [0] * 8 + [1, 1, 0, 0]
+
+
+def test_a_batch_of_rows_writes_each_token_in_its_own_block():
+    from kvlib.caches.paged import PagedBatch
+
+    batch = PagedBatch(block_size=4)
+    # row 0 holds 5 tokens in blocks [7, 2] and row 1 holds 2 in [3]; each brings 2
+    batch.set([[7, 2], [3]], [5, 2], 2, "cpu")
+    assert batch.tables.tolist() == [[7, 2], [3, 0]]  # padded with block 0
+    assert batch.positions.tolist() == [[5, 6], [2, 3]]
+    assert batch.write_at.tolist() == [2 * 4 + 1, 2 * 4 + 2, 3 * 4 + 2, 3 * 4 + 3]
+    assert batch.mask.shape == (2, 1, 2, 8) and batch.mask.dtype == torch.bool
+    assert batch.mask[0, 0].int().tolist() == [[1] * 6 + [0] * 2, [1] * 7 + [0]]
+    assert batch.mask[1, 0].int().tolist() == [[1] * 3 + [0] * 5, [1] * 4 + [0] * 4]
+
+
+def test_index_tensor_is_torch_tensor_of_the_ints():
+    from kvlib.caches.paged import index_tensor
+
+    for values in ([], [0], [3, 2**40, 7]):
+        t = index_tensor(values, "cpu")
+        assert t.dtype == torch.int64 and t.tolist() == values
+    with torch.inference_mode():
+        assert index_tensor([1, 2], "cpu").tolist() == [1, 2]

@@ -14,6 +14,7 @@ from ..compiling import decoding
 from ..generate import generate_stream
 from ..hf import to_transformers as hf_twin  # noqa: F401  (the benchmarks' name for it)
 from ..models import CausalLM
+from ..sampling import greedy
 from ..timing import Stopwatch
 
 
@@ -66,7 +67,7 @@ class HFRunner:
             with Stopwatch(idx.device) as sw:
                 out = self.hf(input_ids=nxt, use_cache=True, logits_to_keep=1,
                               **{self.cache_kw: self.cache})
-                nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+                nxt = greedy(out.logits[:, -1, :])  # (B, 1), kvlib's argmax
             yield nxt[:, 0], sw.seconds
 
     def cache_nbytes(self) -> int:

@@ -19,6 +19,7 @@ shared or freed until the next text.
 
 from __future__ import annotations
 
+import array
 import math
 
 import torch
@@ -36,6 +37,15 @@ def check_block_size(block_size: int) -> None:
 def check_num_blocks(num_blocks: int) -> None:
     if not isinstance(num_blocks, int) or num_blocks <= 0:
         raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+
+
+def index_tensor(values: list[int], device: torch.device | str) -> Tensor:
+    """Python ints as an int64 tensor ``(len(values),)``. ``torch.tensor`` converts a list one
+    int at a time (14 µs for the 120 block numbers of a decode step at batch 8); through an
+    ``array`` it is one copy (2 µs), and the engine builds a few of these every step."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64).to(device)
 
 
 class BlockStorage:
@@ -104,14 +114,16 @@ class PagedBatch:
         """The next forward: row b, with block table ``tables[b]``, holds ``starts[b]`` tokens
         and brings ``T`` new ones. Everything the layers need is computed here, once per forward,
         not once per layer."""
-        n, bs = max(len(t) for t in tables), self.block_size
-        self.tables = torch.tensor([t + [0] * (n - len(t)) for t in tables], device=device)
-        start = torch.tensor(starts, device=device)  # (B,)
-        self.positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
-        block = self.tables.gather(1, self.positions // bs)  # (B, T): its block, and in it
-        self.write_at = (block * bs + self.positions % bs).view(-1)  # the slot of the storage
+        B, n, bs = len(tables), max(len(t) for t in tables), self.block_size
+        padded = [b for t in tables for b in t + [0] * (n - len(t))]
+        self.tables = index_tensor(padded, device).view(B, n)
+        rows = [range(s, s + T) for s in starts]  # each row's new positions
+        self.positions = index_tensor([p for r in rows for p in r], device).view(B, T)
+        self.write_at = index_tensor(  # each new token's block, and its slot in the block
+            [t[p // bs] * bs + p % bs for t, r in zip(tables, rows, strict=True)
+             for p in r], device)
         slot = torch.arange(n * bs, device=device)  # the gathered keys' slots, in table order
-        self.mask = (slot[None, None, :] <= self.positions[:, :, None])[:, None]  # causal
+        self.mask = slot <= self.positions[:, None, :, None]  # (B, 1, T, S): causal
 
     def set_packed(self, tables: list[list[int]], starts: list[int], counts: list[int],
                    device: torch.device | str) -> list[int]:

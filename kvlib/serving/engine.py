@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..caches.paged import BlockStorage, PagedBatch, PagedCache
+from ..caches.paged import BlockStorage, PagedBatch, PagedCache, index_tensor
 from ..models import CausalLM, check_token_ids
+from ..sampling import greedy
 from ..timing import Stopwatch
 from .beams import continue_beams, select_beams
 from .books import BUDGET_FIX, Books
@@ -316,7 +317,7 @@ class Engine(Books):
         with Stopwatch(self.device) as sw:
             for r in rows:
                 self._writable(r, r.length + 1)
-            ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)  # (B, 1)
+            ids = index_tensor([r.output[-1] for r in rows], self.device)[:, None]  # (B, 1)
             logits = self._forward(rows, ids, [r.length for r in rows])  # (B, vocab)
             self._pick(rows, logits)
         self.decode_seconds += sw.seconds
@@ -325,11 +326,14 @@ class Engine(Books):
         """Each row's next token from its ``logits`` ``(B, vocab)``; a beam search's rows choose
         their next beams together."""
         searches: dict[int, list[int]] = {}  # a beam search's id -> its rows in the batch
+        top = greedy(logits)[:, 0].tolist()  # every row's argmax at once, not row by row
         for b, r in enumerate(rows):
-            if r.beam_of is None:
-                r.output.append(r.next_token(logits[b : b + 1]))
-            else:
+            if r.beam_of is not None:
                 searches.setdefault(r.beam_of, []).append(b)
+            elif r.temperature == 0.0:
+                r.output.append(top[b])  # what next_token gives at temperature 0
+            else:
+                r.output.append(r.next_token(logits[b : b + 1]))
         for at in searches.values():
             beam = [rows[b] for b in at]
             scores = torch.tensor([r.score for r in beam], device=self.device)
