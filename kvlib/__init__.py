@@ -19,6 +19,7 @@ from .caches import (
 )
 from .check import CacheCheckError, check_absorbed, check_cache
 from .check_compress import check_quantizer, check_victims
+from .check_measure import check_payback
 from .course import REPO_URL, show_source
 from .evaluate import Perplexity, attention_to_first, held_out, perplexity
 from .generate import (
@@ -74,5 +75,5 @@ __all__ = [
     "generate_stream",
     "attention_to_first", "get_tokenizer", "held_out", "load_model", "perplexity", "prefill",
     "Recall", "recall", "sample", "show_source", "tokenizer_for", "Speculation", "beam_search",
-    "speculative_stream", "check_absorbed", "check_quantizer", "check_victims",
+    "speculative_stream", "check_absorbed", "check_payback", "check_quantizer", "check_victims",
 ]

@@ -72,6 +72,14 @@ def compiling() -> Iterator[None]:
         yield
 
 
+def payback_steps(first_run_s: float, eager_ms: float, compiled_ms: float) -> float:
+    """Decode steps after which compiling has paid for itself: the seconds of the first
+    compiled run (the compilation) over the milliseconds a compiled step saves; ``inf`` when
+    the compiled step saves nothing."""
+    saved_ms = eager_ms - compiled_ms
+    return 1e3 * first_run_s / saved_ms if saved_ms > 0 else float("inf")
+
+
 def check_compilable(cache: str | None, draft: object, num_beams: int) -> None:
     """A clear error for what ``compile=True`` does not compile: caches whose buffers change
     shape or layout from step to step (they would recompile; ``Traits.compiles``), drafts and

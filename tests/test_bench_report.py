@@ -2,8 +2,11 @@
 all from the JSON."""
 
 import json
+import re
 import shlex
 from pathlib import Path
+
+import pytest
 
 from kvlib.bench import PLOTS, compile_text, main, report
 from kvlib.bench.report import summary_table
@@ -59,8 +62,18 @@ def test_compile_verdict_follows_the_numbers():
     assert "does not pay" in compile_text(record(31.0, 30.5))
     assert "leave `compile=False`" in compile_text(record(31.0, 32.0))
     assert "pays off: 6.00 ms" in compile_text(record(31.0, 25.0))
+    assert "after about 40,000 decode steps" in compile_text(record(31.0, 25.0))  # 240 s / 6 ms
     both = compile_text({"runs": [record(31.0, 25.0), record(31.0, 32.0)]})
     assert both.count("`generate(..., compile=True)`") == 2 and "\n\n" in both
+
+
+def test_payback_steps_is_compile_time_over_the_saving():
+    from kvlib.compiling import payback_steps
+
+    assert payback_steps(24.0, 2.0, 1.2) == pytest.approx(30_000)  # 24 s / 0.8 ms
+    assert payback_steps(1.0, 5.0, 4.0) == pytest.approx(1_000)
+    assert payback_steps(24.0, 2.0, 2.0) == float("inf")  # nothing saved: it never pays
+    assert payback_steps(24.0, 2.0, 2.5) == float("inf")  # slower compiled
 
 
 REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks", "--compile",
@@ -122,3 +135,21 @@ def test_report_appends_other_runs(tmp_path, capsys, run_like_data):
     out = capsys.readouterr().out
     assert out.startswith("# Benchmark results\n") and "\n---\n" in out
     assert out.index("# Modern models") > out.index("\n---\n")
+
+
+def test_check_payback_grades_a_readers_payback_with_a_hint():
+    import math
+
+    from kvlib import CacheCheckError
+    from kvlib.check_measure import check_payback
+
+    assert "5 cases" in check_payback(lambda s, e, c: 1e3 * s / (e - c) if e > c else math.inf,
+                                      verbose=False)
+    wrong = {"times 1000": lambda s, e, c: s / (e - c) if e > c else math.inf,
+             "return math.inf": lambda s, e, c: 1e3 * s / (e - c),  # divides by zero
+             "first_run_s / (eager - compiled)": lambda s, e, c: 1e3 * s / e}
+    for hint, fn in wrong.items():
+        with pytest.raises(CacheCheckError, match=re.escape(hint)):
+            check_payback(fn, verbose=False)
+    with pytest.raises(CacheCheckError, match="never pays back"):  # negative for a slower step
+        check_payback(lambda s, e, c: 1e3 * s / (e - c) if e != c else math.inf, verbose=False)

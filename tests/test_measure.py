@@ -129,3 +129,20 @@ def test_bench_reads_its_statistics_from_measure():
     from kvlib import bench
 
     assert bench.summary is kvlib.measure.summary and bench.percentiles is kvlib.measure.percentiles
+
+
+def test_step_against_floor_times_both_and_hands_the_model_back(tiny):
+    from kvlib.measure import step_against_floor
+    from kvlib.state import preserved_state
+
+    with preserved_state(tiny):  # the session's model as the other tests find it
+        tiny.set_kv_cache("concat")  # not what step_against_floor decodes with
+        before = [type(c).__name__ for c in tiny.caches], tiny.pos
+        r = step_against_floor(tiny, new=3, rounds=2, prompt=5)
+        assert ([type(c).__name__ for c in tiny.caches], tiny.pos) == before  # handed back
+    assert set(r) == {"step_ms", "floor_ms", "beyond"}
+    assert r["step_ms"] > 0 and r["floor_ms"] > 0
+    assert r["beyond"] == pytest.approx(1 - r["floor_ms"] / r["step_ms"])
+    for bad in ({"rounds": 1}, {"new": 0}):
+        with pytest.raises(ValueError, match="round 0 warms up"):
+            step_against_floor(tiny, **{"new": 3, **bad})

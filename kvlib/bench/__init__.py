@@ -39,10 +39,7 @@ The modules, in the order a run uses them:
 | ``cli`` | the command line |
 """
 
-from ..measure.stats import percentiles, summary
-from .cli import main
-from .figures import PLOTS, plot
-from .floor import (
+from ..measure.floor import (
     Floor,
     FloorChain,
     attention_points,
@@ -51,6 +48,9 @@ from .floor import (
     floor_step,
     floor_weights,
 )
+from ..measure.stats import percentiles, summary
+from .cli import main
+from .figures import PLOTS, plot
 from .lockstep import lockstep, lockstep_summary, lockstep_text
 from .overhead import GAP_PARTS, compile_check, floor_gap, functional_step
 from .plan import DTYPES, HF_KINDS, PLANS, PROMPT, SCHEMA, Cell, Suite

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from ..loading import load_model
 from ..machine import environment_info
+from ..measure.floor import Floor
 from ..measure.stats import summary
 from ..timing import Stopwatch, tokens_per_s
-from .floor import Floor
 from .plan import PROMPT, SCHEMA
 from .runners import HFRunner, KvlibRunner, hf_twin
 

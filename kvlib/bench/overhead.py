@@ -14,10 +14,10 @@ from torch import Tensor
 from ..generate import decode_one, prefill
 from ..loading import load_model
 from ..machine import environment_info
+from ..measure.floor import Floor, floor_step
 from ..measure.stats import median_ms, summary
 from ..models import PRESETS, CausalLM, GPTModel, LlamaModel, build_model
 from ..timing import Stopwatch
-from .floor import Floor, floor_step
 from .gap import LLAMA_GAP_PARTS, functional_llama_step, fused_weights, llama_ops_per_step
 from .plan import DTYPES, HF_KINDS, PROMPT
 from .runners import HFRunner, KvlibRunner, hf_twin, time_run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..compiling import payback_steps
 from ..style import NO_CACHE, strategy_label
 from .figures import PLOTS
 from .lockstep import lockstep_text
@@ -314,7 +315,8 @@ def compile_text(c: dict) -> str:
     gain = e - k
     if gain > 0.05 * e:
         verdict = (f"pays off: {gain:.2f} ms a step saved, which repays the first run's "
-                   f"{c['first_run_s']:.0f} s after about {1e3 * c['first_run_s'] / gain:,.0f} "
+                   f"{c['first_run_s']:.0f} s after about "
+                   f"{payback_steps(c['first_run_s'], e, k):,.0f} "
                    "decode steps (a server or a long run; not one short text)")
     else:
         how = "the compiled step is slower" if gain < 0 else "less than 5%, within the noise"

@@ -13,10 +13,10 @@ import torch
 from ..generate import decode_one
 from ..loading import load_model
 from ..machine import environment_info, load_average
+from ..measure.floor import Floor, floor_nbytes
 from ..measure.stats import NAN, median_ms, percentiles, summary
 from ..models import CausalLM, GPTModel
 from ..timing import Stopwatch, tokens_per_s
-from .floor import Floor, floor_nbytes
 from .overhead import floor_gap, narrow_twin, twin_step_ms
 from .plan import DTYPES, PROMPT, SCHEMA, Cell, Suite, check_cell
 from .profiling import alloc_steps, count_allocations, profile_decode_step

@@ -21,6 +21,8 @@ reader's model hands it back as it found it (``kvlib.state.preserved_state``).
 | ``rope.py`` | ``rope_rotation``, ``RopeRotation``: one key rotated by a model's RoPE |
 | ``compress.py`` | ``CONFIGS``, ``measure_frontier``, ``compression_tradeoff``, ``bytes_after`` |
 | ``latent.py`` | ``attention_modes``: latent attention decoded naive and absorbed, timed in turn |
+| ``floor.py`` | ``Floor``: the weight-streaming floor (every weight matrix read once); and
+  ``step_against_floor``: a decode step and the floor in turn |
 """
 
 from .compress import (
@@ -36,6 +38,7 @@ from .compress import (
     grouping_errors,
     measure_frontier,
 )
+from .floor import Floor, step_against_floor
 from .frames import CacheFrame, cache_frames, cache_frames_for
 from .inputs import Prompt, StrategySpec, prompt_ids, spec_label, split_spec
 from .latency import LatencyRun, measure_latency
@@ -50,5 +53,6 @@ __all__ = [
     "cache_frames_for", "cached_keys_values", "compression_tradeoff", "grouping_errors",
     "measure_frontier", "measure_latency", "median", "median_ms", "percentiles", "prompt_ids",
     "rope_config", "rope_rotation", "spec_label", "split_spec", "step_ms", "summary",
-    "time_decode", "attention_modes", "attention_inputs", "attention_output_errors",
+    "time_decode", "attention_modes", "attention_inputs", "attention_output_errors", "Floor",
+    "step_against_floor",
 ]

@@ -6,7 +6,8 @@ It works for any ``kvlib.CausalLM``: the matrices are the model's ``nn.Linear`` 
 order (GPT-2's fused ``c_attn``, ``c_proj``, ``c_fc``, ``c_proj``; Llama's ``q_proj`` ...
 ``down_proj``), the output head last and once (tied to the embedding or not), and the keys and
 values have the shape the model's own caches give them (fewer key/value heads than query heads
-under grouped-query attention).
+under grouped-query attention). ``step_against_floor`` times a model's decode step next to its
+floor, for a chapter (the benchmarks' lockstep does the same, step by step).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..generate import generate
 from ..models import CausalLM
+from ..state import preserved_state
 from ..timing import Stopwatch
+from .stats import median
 
 Mats = list[tuple[Tensor, Tensor | None]]  # (weight, bias) of each matrix, in reading order
 
@@ -140,3 +144,28 @@ class Floor:
         """Run ``n`` untimed steps."""
         for _ in range(n):
             self.step_seconds()
+
+
+def step_against_floor(model: CausalLM, new: int, rounds: int = 3, prompt: int = 16) -> dict:
+    """A decode step and the floor of the same model, taking turns: ``rounds`` times, a
+    ``generate`` of ``new`` tokens after a random ``prompt`` (prealloc cache, batch 1), then as
+    many floor steps; round 0 warms up. The medians in ms, and the share of a step that is not
+    reading weights (``beyond``: ``1 - floor / step``). The model is handed back as it was."""
+    if rounds < 2 or new < 1:
+        raise ValueError(f"rounds must be >= 2 (round 0 warms up) and new >= 1, got {rounds} "
+                         f"and {new}")
+    p = next(model.parameters())
+    ids = torch.randint(0, model.cfg.vocab_size, (1, prompt),
+                        generator=torch.Generator().manual_seed(0)).to(p.device)
+    floor = Floor(model, 1)  # every weight matrix of the model read once, nothing else
+    steps, floors = [], []
+    with preserved_state(model):
+        for r in range(rounds):
+            out = generate(model, ids, new, cache="prealloc")
+            floor.times = []
+            floor.measure(new)
+            if r:
+                steps.append(median(out.step_times) * 1e3)
+                floors.append(median(floor.times) * 1e3)
+    step_ms, floor_ms = median(steps), median(floors)
+    return {"step_ms": step_ms, "floor_ms": floor_ms, "beyond": 1 - floor_ms / step_ms}
