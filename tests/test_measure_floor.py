@@ -1,4 +1,4 @@
-"""kvlib.bench.floor: the floor reads every weight matrix once, for GPT-2 and for a Llama-shaped
+"""kvlib.measure.floor: the floor reads every weight matrix once, for GPT-2 and for a Llama-shaped
 model (separate projections, grouped-query attention, an untied head, no biases)."""
 
 import pytest
