@@ -70,6 +70,9 @@ def test_serving_bench_writes_json_and_its_report(tmp_path, capsys):
     for d in runs:
         assert all(d["same_tokens"].values()), d["same_tokens"]  # every way: the alone tokens
         assert d["step"]["same_tokens"]
+        step = d["step"]  # taken in turns: the ratio is the median of the turns'
+        assert len(step["ratios"]) == step["repeats"] == 3
+        assert step["ratio"] == sorted(step["ratios"])[1]
         mem = d["memory"]
         assert mem["paged (engine)"]["reserved_bytes"] <= mem["prealloc to the longest request"][
             "reserved_bytes"]
@@ -77,3 +80,4 @@ def test_serving_bench_writes_json_and_its_report(tmp_path, capsys):
         assert [t["met"] in (True, False) for t in d["targets"]] == [True] * 3
     text = capsys.readouterr().out
     assert "## Serving many requests" in text and "| engine |" in text
+    assert "medians of 3 turns in alternating order" in text
