@@ -373,10 +373,11 @@ def _why_missed(d: dict) -> list[str]:
                   f"{d['mean_tokens']:.0f} tokens that is the figure above. vLLM's under 4% "
                   "is for longer requests; smaller blocks waste less (the sweep above)."]
     if step["met"] is False:
-        lines += ["", "Why the paged step is slower: PyTorch has no attention kernel that "
-                  "reads keys through a block table, so every layer gathers the batch's "
-                  "blocks into one tensor per step (a copy of the live keys and values) "
-                  "before the fused attention; vLLM's kernel reads each block where it "
-                  "lies. Reading the whole pool in place instead avoids the copy but costs "
-                  "batch x pool work, more than the copy once the pool is not full."]
+        lines += ["", "Why the paged step is slower: every layer gathers the batch's blocks "
+                  "into one tensor per step (a copy of the live keys and values) before the "
+                  "fused attention; vLLM's kernel reads each block where it lies. PyTorch's "
+                  "FlexAttention can read them through the block table, compiled, but is "
+                  "slower on a CPU (the FlexAttention section below), and reading the whole "
+                  "pool in place avoids the copy but costs batch x pool work, more than the "
+                  "copy once the pool is not full."]
     return lines
