@@ -26,7 +26,8 @@ def check_payback(fn: Callable[[float, float, float], float], verbose: bool = Tr
                                   "nothing (eager_ms - compiled_ms <= 0) it never pays back; "
                                   "return math.inf") from None
         number = isinstance(got, (int, float))
-        if not number or not (got == want or abs(got - want) <= 1e-6 * want < math.inf):
+        close = number and (got == want if math.isinf(want) else abs(got - want) <= 1e-6 * want)
+        if not close:
             if math.isinf(want):
                 hint = ("a compiled step that is no faster never pays back: return math.inf "
                         "when eager_ms - compiled_ms <= 0")

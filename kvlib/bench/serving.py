@@ -25,6 +25,7 @@ import statistics
 import warnings
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..generate import generate, pad_prompts
@@ -146,6 +147,30 @@ def _memory(engine: Engine, work, static_slots, per_token: int) -> dict:
                 "waste_pct": _waste(r, u)} for k, (r, u) in rows.items()}
 
 
+def _prealloc_steps(model, ids: Tensor, steps: int) -> tuple[float, Tensor]:
+    """Median of ``steps`` timed prealloc decode steps (ms), and the tokens."""
+    res = generate(model, ids, steps + 1, cache="prealloc")
+    model.reset_kv_cache()
+    return median_ms(res.step_times), res.tokens
+
+
+def _paged_steps(model, ids: Tensor, steps: int, block_size: int) -> tuple[float, list[Tensor]]:
+    """Median of ``steps`` timed engine decode steps (ms) over the paged cache, and each row's
+    tokens."""
+    batch, length = ids.shape
+    per = -(-(length + steps + 1) // block_size)
+    engine = Engine(model, block_size=block_size, num_blocks=batch * per)
+    for b in range(batch):
+        engine.add_request(ids[b], steps + 1)
+    engine.step()  # every prefill
+    paged = []
+    for _ in range(steps):
+        before = engine.decode_seconds
+        engine.step()
+        paged.append(engine.decode_seconds - before)
+    return median_ms(paged), [engine.result(b) for b in range(batch)]
+
+
 def _step_ratio(model, batch: int, length: int, steps: int, block_size: int,
                 repeats: int = 3) -> dict:
     """Median decode step of ``batch`` equal sequences: paged (engine) against prealloc, in
@@ -153,28 +178,16 @@ def _step_ratio(model, batch: int, length: int, steps: int, block_size: int,
     median of the turns' ratios."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=g)
-    per = -(-(length + steps + 1) // block_size)
     generate(model, ids, 2, cache="prealloc")  # a warm-up: the first buffers of this shape
     paged_ms, contiguous_ms, same = [], [], True
     for r in range(repeats):
-        for way in (("prealloc", "paged") if r % 2 == 0 else ("paged", "prealloc")):
-            if way == "prealloc":  # `steps` timed decode steps
-                res = generate(model, ids, steps + 1, cache="prealloc")
-                seq = res.tokens
-                contiguous_ms.append(median_ms(res.step_times))
-                model.reset_kv_cache()
-                continue
-            engine = Engine(model, block_size=block_size, num_blocks=batch * per)
-            for b in range(batch):
-                engine.add_request(ids[b], steps + 1)
-            engine.step()  # every prefill
-            paged = []
-            for _ in range(steps):
-                before = engine.decode_seconds
-                engine.step()
-                paged.append(engine.decode_seconds - before)
-            paged_ms.append(median_ms(paged))
-            outs = [engine.result(b) for b in range(batch)]
+        if r % 2 == 0:
+            c, seq = _prealloc_steps(model, ids, steps)
+        p, outs = _paged_steps(model, ids, steps, block_size)
+        if r % 2 == 1:
+            c, seq = _prealloc_steps(model, ids, steps)
+        paged_ms.append(p)
+        contiguous_ms.append(c)
         same = same and all(torch.equal(outs[b], seq[b]) for b in range(batch))
     ratios = [p / c for p, c in zip(paged_ms, contiguous_ms, strict=True)]
     return {"batch": batch, "length": length, "repeats": repeats,

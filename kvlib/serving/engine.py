@@ -326,7 +326,8 @@ class Engine(Books):
         """Each row's next token from its ``logits`` ``(B, vocab)``; a beam search's rows choose
         their next beams together."""
         searches: dict[int, list[int]] = {}  # a beam search's id -> its rows in the batch
-        top = greedy(logits)[:, 0].tolist()  # every row's argmax at once, not row by row
+        greedy_rows = any(r.beam_of is None and r.temperature == 0.0 for r in rows)
+        top = greedy(logits)[:, 0].tolist() if greedy_rows else []  # all at once, not per row
         for b, r in enumerate(rows):
             if r.beam_of is not None:
                 searches.setdefault(r.beam_of, []).append(b)
