@@ -52,6 +52,25 @@ def test_compiled_decoding_takes_a_fourth_turn(tmp_path, run_like_data):
             "decode step / floor | n/ax | <= 1.5 | not measured |") in text
 
 
+def test_the_aot_step_takes_a_turn_too(tmp_path, run_like_data):
+    out = tmp_path / "lockstep.json"
+    main(["lockstep", "--model", "tiny-llama", "--new-tokens", "6", "--repeats", "2",
+          "--threads", "0", "--aot", "--no-progress", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["aot"] is True and d["compiled"] is False and d["aot_compile_s"] > 0
+    (r,) = d["runs"]
+    assert r["same_tokens"] is True  # eager, AOT-compiled and DynamicCache: the same tokens
+    for rep in r["repeats"]:
+        assert len(rep["aot_ms"]) == len(rep["kvlib_ms"]) == 5
+        assert sorted(rep["order"]) == ["aot", "floor", "hf", "kvlib"]
+    assert 0 < r["aot_over_floor"]["median"] and 0 < r["aot_over_hf_tokens_per_s"]["median"]
+    text = report({**run_like_data(), "lockstep": [d]})
+    assert "aot step / floor" in text and "making it took" in text
+    cpu = d["environment"]["cpu_model"]
+    assert (f"tiny-llama, 1 thread(s), 200 tokens, lockstep ({cpu}): prealloc AOT-compiled "
+            "median decode step / floor | n/ax | <= 1.5 | not measured |") in text
+
+
 def test_lockstep_summary_cancels_drift_per_floor_step():
     drift = [1 + i / 100 for i in range(300)]  # the machine slows by 3x over the run
     rep = {"kvlib_ms": [2 * d for d in drift], "hf_ms": [3 * d for d in drift],

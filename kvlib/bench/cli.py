@@ -83,6 +83,8 @@ def add_other_parsers(sub) -> None:
     ls.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave)")
     ls.add_argument("--compile", action="store_true", help="kvlib's compiled decoding "
                     "(generate(..., compile=True)) takes a turn too; the warm-up compiles it")
+    ls.add_argument("--aot", action="store_true", help="kvlib.aot's ahead-of-time compiled "
+                    "step takes a turn too (a Llama-family model; compiled first)")
     ls.add_argument("--out", default="lockstep.json")
     ls.add_argument("--no-progress", action="store_true")
     co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")
@@ -271,7 +273,7 @@ def cmd_gap(args: argparse.Namespace, argv: list[str]) -> None:
 
 def cmd_lockstep(args: argparse.Namespace, argv: list[str]) -> None:
     d = lockstep(args.model, tuple(args.new_tokens), args.repeats, args.strategy,
-                 progress=not args.no_progress, compile=args.compile)
+                 progress=not args.no_progress, compile=args.compile, aot=args.aot)
     d["command"] = _command(argv)
     _write(args.out, d)
     print("\n".join(lockstep_text(d)))

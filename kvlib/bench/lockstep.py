@@ -1,6 +1,7 @@
 """kvlib, transformers' DynamicCache and the floor taking turns, one decode step each, so that a
 shared machine's drift hits all three alike; with ``compile=True`` kvlib's compiled decoding
-(``generate(..., compile=True)``) takes a turn too."""
+(``generate(..., compile=True)``) takes a turn too, and with ``aot=True`` the AOTInductor-compiled
+step (``kvlib.aot.AotDecoder``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..aot import AotDecoder
 from ..loading import load_model
 from ..machine import environment_info
 from ..measure.floor import Floor
@@ -22,10 +24,12 @@ from .runners import HFRunner, KvlibRunner, hf_twin
 
 TURNS = ("kvlib", "hf", "floor")  # who takes a step, in the first repeat's order
 COMPILED = "compiled"  # the fourth, with compile=True
+AOT = "aot"  # and with aot=True, kvlib.aot's ahead-of-time compiled step
 
 
 def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), repeats: int = 3,
-             strategy: str = "prealloc", progress: bool = True, compile: bool = False) -> dict:
+             strategy: str = "prealloc", progress: bool = True, compile: bool = False,
+             aot: bool = False) -> dict:
     """kvlib, transformers' DynamicCache and the floor take turns, one decode step each.
 
     Separate runs, even interleaved, see a shared machine at different moments, and its speed
@@ -36,15 +40,18 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
 
     ``compile``: kvlib's compiled decoding takes a turn too; the warm-up compiles it, and its
     first two steps (the prefill's graph and the decode step's, compilation included) are
-    recorded as ``compile_s``."""
+    recorded as ``compile_s``. ``aot``: so does ``AotDecoder``'s step (a Llama-family model), made
+    before the turns; what making it took is ``aot_compile_s``."""
     from tqdm.auto import tqdm
 
     model = load_model(preset, seed=123, dtype=torch.float32, device="cpu")
     out = {"schema": SCHEMA + "/lockstep", "model": preset, "strategy": strategy,
-           "compiled": compile,
+           "compiled": compile, "aot": aot,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "environment": environment_info("cpu"), "runs": []}
-    turns = Turns(model, strategy, compile)
+    turns = Turns(model, strategy, compile, aot and len(PROMPT) + max(new_tokens))
+    if aot:
+        out["aot_compile_s"] = round(turns.decoder.compile_s, 4)
     with Stopwatch("cpu") as clock, tqdm(total=len(new_tokens) * (repeats + 1), desc="lockstep",
                                           unit="run", disable=not progress) as bar:
         for n in new_tokens:
@@ -65,15 +72,19 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
 class Turns:
     """One model's three contestants: kvlib's loop, its transformers twin's, and its floor."""
 
-    def __init__(self, model, strategy: str, compile: bool = False) -> None:
+    def __init__(self, model, strategy: str, compile: bool = False, aot: int = 0) -> None:
         self.model, self.strategy, self.hf = model, strategy, hf_twin(model)
         self.idx = torch.tensor([PROMPT])
         self.floor = Floor(model, 1)
-        self.turns = TURNS + ((COMPILED,) if compile else ())
+        self.turns = TURNS + ((COMPILED,) if compile else ()) + ((AOT,) if aot else ())
         # A copy with its own caches (the two kvlib loops would clobber one set) and the same
         # weight tensors, so that no loop reads weights the others leave cold in the CPU cache.
         self.twin = copy.deepcopy(model, {id(p): p for p in model.parameters()}) if compile \
             else None
+        self.decoder = None  # aot: the compiled step for prompts and new tokens of aot tokens
+        if aot:
+            copied = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+            self.decoder = AotDecoder(copied, aot)
         self.first_compiled_s = 0.0  # the prefill and first step of the last compiled stream
 
     def floor_stream(self) -> Iterator[tuple[None, float]]:
@@ -90,6 +101,8 @@ class Turns:
         if COMPILED in self.turns:
             streams[COMPILED] = KvlibRunner(self.twin, self.strategy, 128,
                                             compile=True).stream(self.idx, n)
+        if AOT in self.turns:
+            streams[AOT] = self.decoder.stream(self.idx, n)
         k = repeat % len(self.turns)
         order = list(self.turns[k:] + self.turns[:k])
         times: dict[str, list[float]] = {who: [] for who in self.turns}
@@ -124,12 +137,14 @@ def lockstep_summary(reps: list[dict]) -> dict:
         k = min(100, len(xs) // 2)
         return float(np.median(xs[-k:]) / np.median(xs[:k]))
 
-    compiled = {} if "compiled_ms" not in reps[0] else {
-        "compiled_over_hf_tokens_per_s": per(
-            lambda r: tokens_per_s(r["compiled_ms"]) / tokens_per_s(r["hf_ms"])),
-        "compiled_over_floor": per(lambda r: med(r, "compiled_ms") / med(r, "floor_ms"))}
+    extra = {}  # the compiled loops that ran, judged as kvlib's
+    for who in (w for w in (COMPILED, AOT) if f"{w}_ms" in reps[0]):
+        extra[f"{who}_over_hf_tokens_per_s"] = per(
+            lambda r, w=who: tokens_per_s(r[f"{w}_ms"]) / tokens_per_s(r["hf_ms"]))
+        extra[f"{who}_over_floor"] = per(
+            lambda r, w=who: med(r, f"{w}_ms") / med(r, "floor_ms"))
     return {
-        **compiled,
+        **extra,
         "kvlib_over_hf_tokens_per_s": per(
             lambda r: tokens_per_s(r["kvlib_ms"]) / tokens_per_s(r["hf_ms"])),
         "step_over_floor": per(lambda r: med(r, "kvlib_ms") / med(r, "floor_ms")),
@@ -144,7 +159,7 @@ def lockstep_summary(reps: list[dict]) -> dict:
 def lockstep_text(d: dict) -> list[str]:
     """The lockstep section: one row per new-token count, and the compiled loop's when it ran."""
     threads = d["environment"]["threads"]
-    compiled = bool(d.get("compiled"))
+    extra = [w for w in (COMPILED, AOT) if d.get(w)]  # the compiled loops that took turns
     lines = [
         f"## Lockstep: {d['model']}, {threads} thread(s): kvlib, DynamicCache and the floor in "
         "turn\n",
@@ -153,18 +168,24 @@ def lockstep_text(d: dict) -> list[str]:
         f"`{d['strategy']}` against transformers' `DynamicCache` and the floor, one decode step "
         "of each in turn, so that drift hits them all alike; medians over the repeats (min-max "
         "in brackets). These are the same targets, measured a second, better-controlled way.\n"]
-    if compiled:
+    if COMPILED in extra:
         lines.append(
             "`compiled` is kvlib's loop through `generate(..., compile=True)` (a copy of the model "
             "with its own caches and the same weight tensors), taking its turn as a fourth. Its "
             "first two steps in the "
             f"warm-up, the prefill and the first decode step with their compilation, took "
             f"{d['compile_s']:.1f} s.\n")
+    if AOT in extra:
+        lines.append(
+            "`aot` is `kvlib.aot.AotDecoder`'s loop (a copy of the model, the same weights): the "
+            "decode step exported once and compiled by AOTInductor, called with no dynamo in "
+            f"between, over a static cache; making it took {d['aot_compile_s']:.1f} s, before "
+            "the turns.\n")
     head = ["new tokens", "repeats", "kvlib / DynamicCache tok/s", "step / floor",
             "DynamicCache step / floor", "last 100 / first 100", "same, per floor step"]
-    head += ["compiled / DynamicCache tok/s", "compiled step / floor"] if compiled else []
-    head += ["kvlib, HF, floor" + (", compiled" if compiled else "") + " step ms",
-             "same tokens"]
+    for w in extra:
+        head += [f"{w} / DynamicCache tok/s", f"{w} step / floor"]
+    head += [", ".join(["kvlib", "HF", "floor", *extra]) + " step ms", "same tokens"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(x: dict) -> str:
@@ -173,8 +194,9 @@ def lockstep_text(d: dict) -> list[str]:
     for r in d["runs"]:
         keys = ["kvlib_over_hf_tokens_per_s", "step_over_floor", "hf_over_floor", "flatness",
                 "flatness_per_floor"]
-        keys += ["compiled_over_hf_tokens_per_s", "compiled_over_floor"] if compiled else []
-        who = ["kvlib", "hf", "floor"] + (["compiled"] if compiled else [])
+        for w in extra:
+            keys += [f"{w}_over_hf_tokens_per_s", f"{w}_over_floor"]
+        who = ["kvlib", "hf", "floor", *extra]
         ms = ", ".join(f"{median_of(r['repeats'], w + '_ms'):.3f}" for w in who)
         lines.append(f"| {r['new_tokens']} | {len(r['repeats'])} | "
                      + " | ".join(cell(r[k]) for k in keys)

@@ -197,6 +197,11 @@ SMALL_LOCKSTEP = [  # a small model's lockstep run: eager, then compiled when it
      "{s} compiled / HF DynamicCache, decode tokens/s"),
     ("mini_near_floor_200", "compiled_over_floor", "{s} compiled median decode step / floor"),
 ]
+SMALL_LOCKSTEP_AOT = [  # and kvlib.aot's step, when it took turns
+    ("mini_faster_than_hf_200", "aot_over_hf_tokens_per_s",
+     "{s} AOT-compiled / HF DynamicCache, decode tokens/s"),
+    ("mini_near_floor_200", "aot_over_floor", "{s} AOT-compiled median decode step / floor"),
+]
 
 
 def lockstep_targets(d: dict) -> list[dict]:
@@ -210,6 +215,7 @@ def lockstep_targets(d: dict) -> list[dict]:
     where = f" ({env['cpu_model']})" if env.get("cpu_model") else ""  # machine types differ
     out = []
     rows = SMALL_LOCKSTEP if small else LOCKSTEP + (LOCKSTEP_COMPILED if d.get("compiled") else [])
+    rows = rows + (SMALL_LOCKSTEP_AOT if small and d.get("aot") else [])
     for key, measured, name in rows:
         n = TARGETS[key].new_tokens
         value = runs[n].get(measured, {}).get("median") if n in runs else None
