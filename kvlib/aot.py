@@ -1,6 +1,6 @@
-"""An ahead-of-time compiled decode step: ``AotDecoder(model, max_len)`` exports a Llama-family
-decode step once (``torch.export``) and compiles it with AOTInductor into a shared library that
-Python calls like a function, with no dynamo in between.
+"""An ahead-of-time compiled decode step: ``AotDecoder(model, max_len)`` exports the decode step
+of a Llama-family model or GPT-2 once (``torch.export``) and compiles it with AOTInductor into a
+shared library that Python calls like a function, with no dynamo in between.
 
 ``torch.compile`` (``kvlib.compiling``) still runs Python before every step: dynamo looks the
 graph up and checks its guards, and a wrapper moves the inputs; on mini-llama that is a good part
@@ -27,56 +27,83 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .caches import LayerSpec
-from .models import CausalLM, LlamaModel
+from .models import CausalLM, GPTModel, LlamaModel
 from .models.base import check_token_ids
 from .sampling import greedy
 from .timing import Stopwatch
 
 
-class StaticStep(nn.Module):
-    """One decode step of a Llama-family ``model`` over static buffers: logits ``(B, vocab)`` of
-    the tokens ``tok`` ``(B, 1)`` at position ``pos`` ``(1,)``; ``kv`` is every layer's keys and
-    values ``(B, H_kv, max_len, D)``, written at ``pos``. The layers' own modules compute it; only
-    the cache and the attention are written here."""
+def static_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor,
+                     pos: Tensor, mask: Tensor) -> Tensor:
+    """The new token's keys and values ``(B, H_kv, 1, D)`` written into slot ``pos`` of the
+    static buffers ``(B, H_kv, max_len, D)``, and its queries ``(B, H, 1, D)`` attending over
+    every slot the mask lets through: ``(B, 1, H * D)``."""
+    keys.index_copy_(2, pos, k)
+    values.index_copy_(2, pos, v)
+    B, H, _, D = q.shape
+    Hk = keys.shape[1]
+    y = F.scaled_dot_product_attention(  # a group's queries as rows, per kv head
+        q.reshape(B, Hk, H // Hk, D), keys, values, attn_mask=mask)
+    return y.reshape(B, 1, H * D)
 
-    def __init__(self, model: LlamaModel, max_len: int) -> None:
+
+class StaticStep(nn.Module):
+    """One decode step of ``model`` (Llama family or GPT-2) over static buffers: logits ``(B,
+    vocab)`` of the tokens ``tok`` ``(B, 1)`` at position ``pos`` ``(1,)``; ``kv`` is every
+    layer's keys and values ``(B, H_kv, max_len, D)``, written at ``pos``. The layers' own
+    modules compute it; only the cache and the attention are written here."""
+
+    def __init__(self, model: LlamaModel | GPTModel, max_len: int) -> None:
         super().__init__()
         self.model = model
-        w = model.embed_tokens.weight
-        cos, sin = model.rope(0, max_len, like=w)  # (max_len, D)
-        self.register_buffer("cos", cos.clone(), persistent=False)
-        self.register_buffer("sin", sin.clone(), persistent=False)
+        w = next(model.parameters())
+        if isinstance(model, LlamaModel):
+            cos, sin = model.rope(0, max_len, like=w)  # (max_len, D)
+            self.register_buffer("cos", cos.clone(), persistent=False)
+            self.register_buffer("sin", sin.clone(), persistent=False)
         self.register_buffer("slots", torch.arange(max_len, device=w.device), persistent=False)
 
     def forward(self, tok: Tensor, pos: Tensor, *kv: Tensor) -> Tensor:
+        mask = (self.slots <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len): this slot and before
+        if isinstance(self.model, GPTModel):
+            return self.gpt2(tok, pos, kv, mask)
         m = self.model
         x = m.embed_tokens(tok)  # (B, 1, C)
-        B = x.shape[0]
         cos, sin = self.cos[pos], self.sin[pos]  # (1, D)
-        mask = (self.slots <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len): this slot and before
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
             q, k, v = a.project(layer.input_layernorm(x), cos, sin)  # (B, H or H_kv, 1, D)
-            keys, values = kv[2 * i], kv[2 * i + 1]
-            keys.index_copy_(2, pos, k)  # into slot pos
-            values.index_copy_(2, pos, v)
-            H, Hk, D = a.n_heads, a.n_kv_heads, a.head_dim
-            y = F.scaled_dot_product_attention(  # a group's queries as rows, per kv head
-                q.reshape(B, Hk, H // Hk, D), keys, values, attn_mask=mask)
-            x = x + a.o_proj(y.reshape(B, 1, H * D))
+            x = x + a.o_proj(static_attention(q, k, v, kv[2 * i], kv[2 * i + 1], pos, mask))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return m.lm_head(m.norm(x))[:, -1]  # (B, vocab)
 
+    def gpt2(self, tok: Tensor, pos: Tensor, kv: tuple[Tensor, ...], mask: Tensor) -> Tensor:
+        m = self.model
+        x = m.wte(tok) + m.wpe(pos)  # (B, 1, C): the token and its learned position
+        B = x.shape[0]
+        for i, block in enumerate(m.h):
+            a = block.attn
+            qkv = a.c_attn(block.ln_1(x)).view(B, 1, 3, a.n_heads, a.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, 1, D)
+            x = x + a.c_proj(static_attention(q, k, v, kv[2 * i], kv[2 * i + 1], pos, mask))
+            x = x + block.mlp(block.ln_2(x))
+        return m.lm_head(m.ln_f(x))[:, -1]  # (B, vocab)
 
-def check_aot(model: CausalLM) -> None:
-    """A clear error for the models ``AotDecoder`` does not compile."""
-    if not isinstance(model, LlamaModel):
-        raise TypeError(f"AotDecoder compiles Llama-family models (Llama, Qwen3, the trained "
-                        f"minis), not {type(model).__name__}: use kvlib.generate(..., "
+
+def check_aot(model: CausalLM, max_len: int) -> None:
+    """A clear error for what ``AotDecoder`` does not compile."""
+    if not isinstance(model, (LlamaModel, GPTModel)):
+        raise TypeError(f"AotDecoder compiles the Llama family (Llama, Qwen3, the trained minis) "
+                        f"and GPT-2, not {type(model).__name__}: use kvlib.generate(..., "
                         f"compile=True) for the others")
-    if model.cfg.attn_sinks:
+    if isinstance(model, LlamaModel) and model.cfg.attn_sinks:
         raise ValueError("AotDecoder writes plain attention; a model with learned sinks "
                          "(gpt-oss) needs kvlib.generate")
+    if not isinstance(max_len, int) or max_len <= 1:
+        raise ValueError(f"max_len must be a number of tokens above 1, got {max_len!r}")
+    if model.hard_context and max_len > model.cfg.context_length:
+        raise ValueError(f"max_len {max_len} passes {type(model).__name__}'s "
+                         f"{model.cfg.context_length} learned positions: at most that many")
 
 
 class AotDecoder:
@@ -85,11 +112,9 @@ class AotDecoder:
     it took (seconds: the export and a C++ build)."""
 
     def __init__(self, model: CausalLM, max_len: int, batch: int = 1) -> None:
-        check_aot(model)
-        if not isinstance(max_len, int) or max_len <= 1:
-            raise ValueError(f"max_len must be a number of tokens above 1, got {max_len!r}")
+        check_aot(model, max_len)
         self.model, self.max_len, self.batch = model, max_len, batch
-        spec, w = model.layer_specs()[0], model.embed_tokens.weight
+        spec, w = model.layer_specs()[0], next(model.parameters())
         with Stopwatch(w.device) as sw:
             self._step = self._compile(spec, w)
         self.compile_s = sw.seconds

@@ -54,9 +54,18 @@ def test_qwen3_norms_and_one_row():
     assert torch.equal(tokens, kvlib.generate(model, ids, 20, cache=None).tokens)
 
 
+def test_gpt2_learned_positions():
+    model = kvlib.load_model("tiny")
+    ids = prompt(model, B=1, seed=4)
+    tokens, _ = AotDecoder(model, 40).generate(ids, 25)
+    assert torch.equal(tokens, kvlib.generate(model, ids, 25, cache=None).tokens)
+    with pytest.raises(ValueError, match="learned positions"):
+        AotDecoder(model, model.cfg.context_length + 1)
+
+
 def test_clear_errors(tiny, decoder):
-    with pytest.raises(TypeError, match="Llama-family"):
-        AotDecoder(kvlib.load_model("tiny"), 16)
+    with pytest.raises(TypeError, match="Llama family"):
+        AotDecoder(kvlib.load_model("tiny-gpt-oss"), 16)
     with pytest.raises(ValueError, match="batch=1"):
         decoder.generate(prompt(tiny, B=1), 4)
     with pytest.raises(ValueError, match="larger max_len"):

@@ -197,6 +197,11 @@ SMALL_LOCKSTEP = [  # a small model's lockstep run: eager, then compiled when it
      "{s} compiled / HF DynamicCache, decode tokens/s"),
     ("mini_near_floor_200", "compiled_over_floor", "{s} compiled median decode step / floor"),
 ]
+LOCKSTEP_AOT = [  # gpt2's lockstep run with --aot: kvlib.aot's step, judged alike
+    ("faster_than_hf_200", "aot_over_hf_tokens_per_s",
+     "{s} AOT-compiled / HF DynamicCache, decode tokens/s"),
+    ("near_floor_200", "aot_over_floor", "{s} AOT-compiled median decode step / floor"),
+]
 SMALL_LOCKSTEP_AOT = [  # and kvlib.aot's step, when it took turns
     ("mini_faster_than_hf_200", "aot_over_hf_tokens_per_s",
      "{s} AOT-compiled / HF DynamicCache, decode tokens/s"),
@@ -207,7 +212,7 @@ SMALL_LOCKSTEP_AOT = [  # and kvlib.aot's step, when it took turns
 def lockstep_targets(d: dict) -> list[dict]:
     """The ratio targets again, from a lockstep run: same rows as ``targets``, marked lockstep;
     a run on another model than gpt2 is judged by the small model's targets, at its threads;
-    gpt2's compiled decoding, when the run had it, by gpt2's."""
+    gpt2's compiled decodings (``compile``, ``aot``), when the run had them, by gpt2's."""
     runs = {r["new_tokens"]: r for r in d["runs"]}
     small = d.get("model", "gpt2") != "gpt2"
     env = d.get("environment", {})
@@ -215,7 +220,8 @@ def lockstep_targets(d: dict) -> list[dict]:
     where = f" ({env['cpu_model']})" if env.get("cpu_model") else ""  # machine types differ
     out = []
     rows = SMALL_LOCKSTEP if small else LOCKSTEP + (LOCKSTEP_COMPILED if d.get("compiled") else [])
-    rows = rows + (SMALL_LOCKSTEP_AOT if small and d.get("aot") else [])
+    if d.get("aot"):
+        rows = rows + (SMALL_LOCKSTEP_AOT if small else LOCKSTEP_AOT)
     for key, measured, name in rows:
         n = TARGETS[key].new_tokens
         value = runs[n].get(measured, {}).get("median") if n in runs else None
