@@ -65,6 +65,30 @@ def test_compile_verdict_follows_the_numbers():
     assert "after about 40,000 decode steps" in compile_text(record(31.0, 25.0))  # 240 s / 6 ms
     both = compile_text({"runs": [record(31.0, 25.0), record(31.0, 32.0)]})
     assert both.count("`generate(..., compile=True)`") == 2 and "\n\n" in both
+    assert "AotDecoder" not in compile_text(record(31.0, 25.0))  # not run: not said
+    aot = {**record(31.0, 25.0), "aot_s": 20.0, "aot_step_ms": {"median": 21.0, "q1": 20.5,
+                                                                "q3": 21.5},
+           "aot_same_tokens": True}
+    assert "took 20 s to make; its step takes 21.00 ms" in compile_text(aot)
+    assert "repays its making after about 2,000 decode steps" in compile_text(aot)  # 20 s / 10 ms
+    assert "it does not pay" in compile_text({**aot, "aot_step_ms": {"median": 32.0, "q1": 32.0,
+                                                                     "q3": 32.0}})
+
+
+def test_aot_check_times_the_ahead_of_time_step():
+    import torch
+
+    import kvlib
+    from kvlib.bench.overhead import aot_check
+    from kvlib.bench.plan import PROMPT
+
+    model = kvlib.load_model("tiny-llama")
+    idx = torch.tensor([PROMPT])
+    ref = kvlib.generate(model, idx, 12, cache="prealloc").tokens[0, idx.shape[1] + 1:].tolist()
+    out = aot_check(model, idx, 12)(ref)
+    assert out["aot_same_tokens"] is True and out["aot_s"] > 0
+    assert out["aot_step_ms"]["median"] > 0
+    assert aot_check(kvlib.load_model("tiny-gpt-oss"), idx, 12)(ref) == {}  # not compiled
 
 
 def test_payback_steps_is_compile_time_over_the_saving():

@@ -4,6 +4,7 @@ left out (``floor_gap``), and whether ``torch.compile`` pays (``compile_check``)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..aot import AotDecoder, check_aot
 from ..generate import decode_one, prefill
 from ..loading import load_model
 from ..machine import environment_info
@@ -170,7 +172,8 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
     The same model run eagerly and through ``kvlib.compiling.compiled`` (what
     ``generate(..., compile=True)`` runs: ``torch.compile(model)`` with the caches'
     counters symbolic), prefill eager, ``n - 1`` greedy decode steps each; the first compiled
-    run includes the compilation. Rounds alternate eager and compiled."""
+    run includes the compilation. Rounds alternate eager and compiled, and for a model
+    ``kvlib.aot`` compiles, its ahead-of-time step too (``aot_s``: the making of it)."""
     from ..compiling import compiled as compile_model
     from ..compiling import compiling
 
@@ -192,6 +195,7 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
         return times, tokens
 
     run(model)  # warm-up
+    aot = aot_check(model, idx, n)
     with compiling():
         with Stopwatch("cpu") as first:
             _, first_tokens = run(compiled)
@@ -205,4 +209,20 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
             "first_run_s": first.seconds, "eager_step_ms": summary([1e3 * t for t in eager]),
             "compiled_step_ms": summary([1e3 * t for t in comp]),
             "same_tokens": tokens == ref and first_tokens == ref,
-            "environment": environment_info("cpu")}
+            **aot(ref), "environment": environment_info("cpu")}
+
+
+def aot_check(model: CausalLM, idx: Tensor, n: int) -> Callable[[list[int]], dict]:
+    """``AotDecoder``'s making and ``n - 1`` decode steps of it (a copy of ``model``, the same
+    weights), for ``compile_check``; what it returns gives the results against eager tokens."""
+    try:
+        check_aot(model, len(PROMPT) + n)
+    except (TypeError, ValueError):
+        return lambda ref: {}
+    decoder = AotDecoder(copy.deepcopy(model, {id(p): p for p in model.parameters()}),
+                         idx.shape[1] + n)
+    decoder.generate(idx, n)  # a warm-up
+    (tokens, seconds) = decoder.generate(idx, n)
+    return lambda ref: {"aot_s": decoder.compile_s,
+                        "aot_step_ms": summary([1e3 * t for t in seconds]),
+                        "aot_same_tokens": tokens[0, idx.shape[1] + 1:].tolist() == ref}

@@ -331,7 +331,20 @@ def compile_text(c: dict) -> str:
             f"compiled vs {e:.2f} ms eager (medians; IQR {c['compiled_step_ms']['q1']:.2f}-"
             f"{c['compiled_step_ms']['q3']:.2f} vs {c['eager_step_ms']['q1']:.2f}-"
             f"{c['eager_step_ms']['q3']:.2f}); same tokens: {c['same_tokens']}. Verdict: it "
-            f"{verdict}. Measured by `python -m kvlib.bench compile`.")
+            f"{verdict}.{aot_sentence(c, e)} Measured by `python -m kvlib.bench compile`.")
+
+
+def aot_sentence(c: dict, eager_ms: float) -> str:
+    """What ``kvlib.aot``'s ahead-of-time step did in the same run, when it ran."""
+    if "aot_s" not in c:
+        return ""
+    a = c["aot_step_ms"]["median"]
+    pays = (f"repays its making after about {payback_steps(c['aot_s'], eager_ms, a):,.0f} "
+            "decode steps" if a < eager_ms else "does not pay")
+    return (f" `kvlib.aot.AotDecoder` (exported once, compiled ahead of time, no dynamo) took "
+            f"{c['aot_s']:.0f} s to make; its step takes {a:.2f} ms (IQR "
+            f"{c['aot_step_ms']['q1']:.2f}-{c['aot_step_ms']['q3']:.2f}), same tokens: "
+            f"{c['aot_same_tokens']}, and it {pays}.")
 
 
 def plot_lines(plots_dir: str) -> list[str]:
