@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .caches import LayerSpec
 from .models import CausalLM, GPTModel, LlamaModel
 from .models.base import check_token_ids
 from .sampling import greedy
@@ -114,22 +113,22 @@ class AotDecoder:
     def __init__(self, model: CausalLM, max_len: int, batch: int = 1) -> None:
         check_aot(model, max_len)
         self.model, self.max_len, self.batch = model, max_len, batch
-        spec, w = model.layer_specs()[0], next(model.parameters())
-        with Stopwatch(w.device) as sw:
-            self._step = self._compile(spec, w)
+        self._dir = tempfile.TemporaryDirectory(prefix="kvlib-aot-")  # the built package
+        with Stopwatch(next(model.parameters()).device) as sw:
+            self._step = self._compile()
         self.compile_s = sw.seconds
         model.set_kv_cache("prealloc", max_len=max_len)  # the caches the decoder fills
 
-    def _compile(self, spec: LayerSpec, w: Tensor) -> Callable[..., Tensor]:
+    def _compile(self) -> Callable[..., Tensor]:
         """The step exported (``torch.export``) and built by AOTInductor, loaded to call."""
         model, batch, max_len = self.model, self.batch, self.max_len
+        spec, w = model.layer_specs()[0], next(model.parameters())
         model.set_kv_cache("concat")  # no buffers of the model's own during the export
         kv = [torch.zeros(batch, spec.n_kv_heads, max_len, spec.head_dim, dtype=w.dtype,
                           device=w.device) for _ in range(2 * model.cfg.n_layers)]
         step = StaticStep(model, max_len).eval()
         example = (torch.zeros(batch, 1, dtype=torch.long, device=w.device),
                    torch.zeros(1, dtype=torch.long, device=w.device), *kv)
-        self._dir = tempfile.TemporaryDirectory(prefix="kvlib-aot-")
         with torch.no_grad():
             program = torch.export.export(step, example)
             package = torch._inductor.aoti_compile_and_package(

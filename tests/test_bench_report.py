@@ -85,10 +85,10 @@ def test_aot_check_times_the_ahead_of_time_step():
     model = kvlib.load_model("tiny-llama")
     idx = torch.tensor([PROMPT])
     ref = kvlib.generate(model, idx, 12, cache="prealloc").tokens[0, idx.shape[1] + 1:].tolist()
-    out = aot_check(model, idx, 12)(ref)
+    out = aot_check(model, idx, 12, ref)
     assert out["aot_same_tokens"] is True and out["aot_s"] > 0
     assert out["aot_step_ms"]["median"] > 0
-    assert aot_check(kvlib.load_model("tiny-gpt-oss"), idx, 12)(ref) == {}  # not compiled
+    assert aot_check(kvlib.load_model("tiny-gpt-oss"), idx, 12, ref) == {}  # not compiled
 
 
 def test_payback_steps_is_compile_time_over_the_saving():

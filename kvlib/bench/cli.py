@@ -84,7 +84,7 @@ def add_other_parsers(sub) -> None:
     ls.add_argument("--compile", action="store_true", help="kvlib's compiled decoding "
                     "(generate(..., compile=True)) takes a turn too; the warm-up compiles it")
     ls.add_argument("--aot", action="store_true", help="kvlib.aot's ahead-of-time compiled "
-                    "step takes a turn too (a Llama-family model; compiled first)")
+                    "step takes a turn too (the Llama family or GPT-2; compiled first)")
     ls.add_argument("--out", default="lockstep.json")
     ls.add_argument("--no-progress", action="store_true")
     co = sub.add_parser("compile", help="eager vs torch.compile decode step (minutes)")

@@ -5,7 +5,6 @@ step (``kvlib.aot.AotDecoder``)."""
 
 from __future__ import annotations
 
-import copy
 import datetime
 from collections.abc import Callable, Iterator
 
@@ -20,7 +19,7 @@ from ..measure.floor import Floor
 from ..measure.stats import summary
 from ..timing import Stopwatch, tokens_per_s
 from .plan import PROMPT, SCHEMA
-from .runners import HFRunner, KvlibRunner, hf_twin
+from .runners import HFRunner, KvlibRunner, hf_twin, weight_sharing_copy
 
 TURNS = ("kvlib", "hf", "floor")  # who takes a step, in the first repeat's order
 COMPILED = "compiled"  # the fourth, with compile=True
@@ -40,8 +39,8 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
 
     ``compile``: kvlib's compiled decoding takes a turn too; the warm-up compiles it, and its
     first two steps (the prefill's graph and the decode step's, compilation included) are
-    recorded as ``compile_s``. ``aot``: so does ``AotDecoder``'s step (a Llama-family model), made
-    before the turns; what making it took is ``aot_compile_s``."""
+    recorded as ``compile_s``. ``aot``: so does ``AotDecoder``'s step (the Llama family or GPT-2),
+    made before the turns; what making it took is ``aot_compile_s``."""
     from tqdm.auto import tqdm
 
     model = load_model(preset, seed=123, dtype=torch.float32, device="cpu")
@@ -49,7 +48,7 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
            "compiled": compile, "aot": aot,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "environment": environment_info("cpu"), "runs": []}
-    turns = Turns(model, strategy, compile, aot and len(PROMPT) + max(new_tokens))
+    turns = Turns(model, strategy, compile, len(PROMPT) + max(new_tokens) if aot else 0)
     if aot:
         out["aot_compile_s"] = round(turns.decoder.compile_s, 4)
     with Stopwatch("cpu") as clock, tqdm(total=len(new_tokens) * (repeats + 1), desc="lockstep",
@@ -72,19 +71,17 @@ def lockstep(preset: str = "gpt2", new_tokens: tuple[int, ...] = (200, 1000), re
 class Turns:
     """One model's three contestants: kvlib's loop, its transformers twin's, and its floor."""
 
-    def __init__(self, model, strategy: str, compile: bool = False, aot: int = 0) -> None:
+    def __init__(self, model, strategy: str, compile: bool = False, aot_max_len: int = 0
+                 ) -> None:
         self.model, self.strategy, self.hf = model, strategy, hf_twin(model)
         self.idx = torch.tensor([PROMPT])
         self.floor = Floor(model, 1)
-        self.turns = TURNS + ((COMPILED,) if compile else ()) + ((AOT,) if aot else ())
-        # A copy with its own caches (the two kvlib loops would clobber one set) and the same
-        # weight tensors, so that no loop reads weights the others leave cold in the CPU cache.
-        self.twin = copy.deepcopy(model, {id(p): p for p in model.parameters()}) if compile \
-            else None
-        self.decoder = None  # aot: the compiled step for prompts and new tokens of aot tokens
-        if aot:
-            copied = copy.deepcopy(model, {id(p): p for p in model.parameters()})
-            self.decoder = AotDecoder(copied, aot)
+        self.turns = TURNS + ((COMPILED,) if compile else ()) + ((AOT,) if aot_max_len else ())
+        # the compiled loops each on a copy: the kvlib loops would clobber one set of caches
+        self.twin = weight_sharing_copy(model) if compile else None
+        self.decoder = None  # aot_max_len: AotDecoder's step for texts of that many tokens
+        if aot_max_len:
+            self.decoder = AotDecoder(weight_sharing_copy(model), aot_max_len)
         self.first_compiled_s = 0.0  # the prefill and first step of the last compiled stream
 
     def floor_stream(self) -> Iterator[tuple[None, float]]:

@@ -4,7 +4,6 @@ left out (``floor_gap``), and whether ``torch.compile`` pays (``compile_check``)
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -22,7 +21,7 @@ from ..models import PRESETS, CausalLM, GPTModel, LlamaModel, build_model
 from ..timing import Stopwatch
 from .gap import LLAMA_GAP_PARTS, functional_llama_step, fused_weights, llama_ops_per_step
 from .plan import DTYPES, HF_KINDS, PROMPT
-from .runners import HFRunner, KvlibRunner, hf_twin, time_run
+from .runners import HFRunner, KvlibRunner, hf_twin, time_run, weight_sharing_copy
 
 GAP_PARTS = ("layernorm", "gelu", "attention", "residual")  # small ops between weight reads
 
@@ -195,7 +194,6 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
         return times, tokens
 
     run(model)  # warm-up
-    aot = aot_check(model, idx, n)
     with compiling():
         with Stopwatch("cpu") as first:
             _, first_tokens = run(compiled)
@@ -209,20 +207,19 @@ def compile_check(preset: str = "gpt2", n: int = 100, rounds: int = 2) -> dict:
             "first_run_s": first.seconds, "eager_step_ms": summary([1e3 * t for t in eager]),
             "compiled_step_ms": summary([1e3 * t for t in comp]),
             "same_tokens": tokens == ref and first_tokens == ref,
-            **aot(ref), "environment": environment_info("cpu")}
+            **aot_check(model, idx, n, ref), "environment": environment_info("cpu")}
 
 
-def aot_check(model: CausalLM, idx: Tensor, n: int) -> Callable[[list[int]], dict]:
-    """``AotDecoder``'s making and ``n - 1`` decode steps of it (a copy of ``model``, the same
-    weights), for ``compile_check``; what it returns gives the results against eager tokens."""
+def aot_check(model: CausalLM, idx: Tensor, n: int, ref: list[int]) -> dict:
+    """``AotDecoder``'s making and ``n - 1`` decode steps of it (on a copy of ``model``), for
+    ``compile_check``, against the eager decode steps' tokens ``ref``; nothing for a model it
+    does not compile."""
     try:
-        check_aot(model, len(PROMPT) + n)
+        check_aot(model, idx.shape[1] + n)
     except (TypeError, ValueError):
-        return lambda ref: {}
-    decoder = AotDecoder(copy.deepcopy(model, {id(p): p for p in model.parameters()}),
-                         idx.shape[1] + n)
+        return {}
+    decoder = AotDecoder(weight_sharing_copy(model), idx.shape[1] + n)
     decoder.generate(idx, n)  # a warm-up
-    (tokens, seconds) = decoder.generate(idx, n)
-    return lambda ref: {"aot_s": decoder.compile_s,
-                        "aot_step_ms": summary([1e3 * t for t in seconds]),
-                        "aot_same_tokens": tokens[0, idx.shape[1] + 1:].tolist() == ref}
+    tokens, seconds = decoder.generate(idx, n)
+    return {"aot_s": decoder.compile_s, "aot_step_ms": summary([1e3 * t for t in seconds]),
+            "aot_same_tokens": tokens[0, idx.shape[1] + 1:].tolist() == ref}

@@ -4,6 +4,7 @@ holds afterwards. kvlib's loop with each strategy, and transformers' GPT-2 with 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator
 
@@ -16,6 +17,12 @@ from ..hf import to_transformers as hf_twin  # noqa: F401  (the benchmarks' name
 from ..models import CausalLM
 from ..sampling import greedy
 from ..timing import Stopwatch
+
+
+def weight_sharing_copy(model: CausalLM) -> CausalLM:
+    """A copy of ``model`` with caches of its own and the same weight tensors: two loops that
+    take turns each keep their caches, and neither reads weights the other leaves cold."""
+    return copy.deepcopy(model, {id(p): p for p in model.parameters()})
 
 
 class KvlibRunner:
