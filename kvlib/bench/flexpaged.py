@@ -1,8 +1,10 @@
 """``python -m kvlib.bench flexpaged``: attention that reads blocks where they lie, against the
 gather ``kvlib.PagedCache`` does.
 
-``PagedCache`` copies a batch's blocks into one tensor per layer and step, then runs the fused
-``scaled_dot_product_attention`` with the engine's mask. PyTorch's FlexAttention reads keys
+``PagedCache.update`` copies a batch's blocks into one tensor per layer and step, then runs the
+fused ``scaled_dot_product_attention`` with the engine's mask; for a decode step,
+``PagedCache.attend_in_place`` runs kvlib's own kernel (``paged_attention.c``), which reads each
+block where it lies, timed here too where it can be built. PyTorch's FlexAttention reads keys
 through a block mask instead, and its experimental ``PagedAttention`` helper
 (``torch.nn.attention.experimental``) turns a block table into such a mask: no copy, but a
 kernel that ``torch.compile`` must generate (on a CPU, inductor's C++ template). This times one
@@ -53,6 +55,19 @@ def _paged_inputs(B: int, H_kv: int, H: int, D: int, L: int, bs: int) -> dict:
             "block_mask": pages.convert_logical_block_mask(logical)}
 
 
+def _kernel(x: dict) -> torch.Tensor | None:
+    """``PagedCache``'s decode step: ``paged_attention.c`` reads the blocks where they lie (None
+    where it cannot be built)."""
+    from ..caches.paged_kernel import decode_kernel
+
+    q, K, B = x["q"], x["K"], x["q"].shape[0]
+    kernel = decode_kernel(q, K[:B, :1].transpose(1, 2))
+    if kernel is None:
+        return None
+    tables, lengths = x["rows"].view(B, -1), x["mask"][:, 0, 0].sum(-1)
+    return lambda: kernel(q, K, x["V"], tables, lengths)
+
+
 def _gather(x: dict, H_kv: int) -> torch.Tensor:
     """``PagedCache``'s way: the blocks into one tensor, then the fused attention."""
     q, K, V = x["q"], x["K"], x["V"]
@@ -80,37 +95,53 @@ def flex_paged(model_name: str = "mini-llama", batch: int = 8, length: int = 240
 
     with Stopwatch() as sw:
         out = paged()  # compiles
-    diff = (out - _gather(x, H_kv)).abs().max().item()
-    times: dict[str, list[float]] = {"gather": [], "flex": []}
+    want = _gather(x, H_kv)
+    diff = (out - want).abs().max().item()
+    ways = {"gather": lambda: _gather(x, H_kv), "flex": paged}
+    kernel = _kernel(x)
+    if kernel is not None:
+        ways["kernel"] = kernel
+        kernel_diff = (kernel() - want).abs().max().item()
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for i in range(rounds + 10):  # in turns; the first 10 of each are the warm-up
-        for name, f in (("gather", lambda: _gather(x, H_kv)), ("flex", paged)):
+        for name, f in ways.items():
             with Stopwatch() as one:
                 f()
             if i >= 10:
                 times[name].append(one.seconds)
-    gather_us, flex_us = (1e6 * median(times[k]) for k in ("gather", "flex"))
+    us = {f"{name}_us": 1e6 * median(t) for name, t in times.items()}
     return {"kind": "flexpaged", "model": model_name, "batch": batch, "length": length,
             "block_size": block_size, "heads": H, "kv_heads": H_kv, "head_dim": D,
             "rounds": rounds, "threads": torch.get_num_threads(), "compile_s": sw.seconds,
-            "gather_us": gather_us, "flex_us": flex_us, "max_abs_diff": diff,
+            **us, "max_abs_diff": diff,
+            "kernel_max_abs_diff": kernel_diff if kernel is not None else None,
             "environment": environment_info()}
 
 
 def flex_paged_lines(d: dict) -> list[str]:
     """The Markdown section of a flexpaged run."""
-    env, ratio = d["environment"], d["flex_us"] / d["gather_us"]
-    kept = ("the gather stays: FlexAttention's paged kernel is slower here" if ratio > 1 else
-            "FlexAttention's paged kernel is faster here")
+    env = d["environment"]
+    kernel = d.get("kernel_us")
+    fastest = min(("gather", "flex") + (("kernel",) if kernel else ()), key=lambda k: d[f"{k}_us"])
+    names = {"gather": "the gather", "flex": "FlexAttention", "kernel": "the kernel"}
+    rows = [f"| gather + `scaled_dot_product_attention` (`PagedCache.update`) | "
+            f"{d['gather_us']:.1f} |",
+            f"| FlexAttention + `PagedAttention`, compiled | {d['flex_us']:.1f} |"]
+    if kernel:
+        rows.append(f"| `paged_attention.c`, blocks read where they lie "
+                    f"(`PagedCache.attend_in_place`) | {kernel:.1f} |")
+    ratios = f"FlexAttention / gather: {d['flex_us'] / d['gather_us']:.2f}x"
+    if kernel:
+        ratios += (f"; kernel / gather: {kernel / d['gather_us']:.2f}x (outputs within "
+                   f"{d['kernel_max_abs_diff']:.1e})")
     return [
-        "## Paged attention: the gather against FlexAttention's block table", "",
+        "## Paged attention: the gather, FlexAttention's block table, kvlib's kernel", "",
         f"One layer's decode attention on `{d['model']}`'s shape ({d['heads']} query heads, "
         f"{d['kv_heads']} key/value heads of {d['head_dim']}), {d['batch']} rows of "
         f"{d['length']} cached tokens in blocks of {d['block_size']}, float32, {d['threads']} "
         f"threads, {env.get('cpu_model', '?')}, torch {env.get('torch', '?')}; medians of "
         f"{d['rounds']} turns each after 10. FlexAttention compiled in {d['compile_s']:.1f} s; "
-        f"the two outputs differ by at most {d['max_abs_diff']:.1e}. "
+        f"its output and the gather's differ by at most {d['max_abs_diff']:.1e}. "
         f"Command: `{d.get('command', 'python -m kvlib.bench flexpaged')}`", "",
-        "| way | µs per layer and step |", "|---|---:|",
-        f"| gather + `scaled_dot_product_attention` (`PagedCache`) | {d['gather_us']:.1f} |",
-        f"| FlexAttention + `PagedAttention`, compiled | {d['flex_us']:.1f} |", "",
-        f"FlexAttention / gather: {ratio:.2f}x, so {kept}.", ""]
+        "| way | µs per layer and step |", "|---|---:|", *rows, "",
+        f"{ratios}. Fastest here: {names[fastest]}.", ""]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..caches.paged_kernel import kernel_runs
 from ..generate import generate, pad_prompts
 from ..loading import load_model
 from ..machine import environment_info
@@ -36,6 +37,10 @@ from ..serving import Engine
 from ..state import model_device
 from ..timing import Stopwatch
 from .targets import target_row
+
+PAGED_HOW = {True: "block tables, slots and kvlib's paged decode kernel included",  # as run
+             False: "block tables, slots and the gather included (no paged decode kernel)",
+             None: "block tables, slots and attention included"}
 
 
 def random_model(name: str):
@@ -190,7 +195,9 @@ def _step_ratio(model, batch: int, length: int, steps: int, block_size: int,
         contiguous_ms.append(c)
         same = same and all(torch.equal(outs[b], seq[b]) for b in range(batch))
     ratios = [p / c for p, c in zip(paged_ms, contiguous_ms, strict=True)]
-    return {"batch": batch, "length": length, "repeats": repeats,
+    c = model.cfg
+    kernel = kernel_runs(c.n_heads, getattr(c, "n_kv_heads", c.n_heads), c.head_dim)
+    return {"batch": batch, "length": length, "repeats": repeats, "kernel": kernel,
             "contiguous_ms": median(contiguous_ms), "paged_ms": median(paged_ms),
             "ratio": median(ratios), "ratios": ratios, "same_tokens": same}
 
@@ -361,7 +368,7 @@ def serving_lines(runs: list[dict]) -> list[str]:
                   f"engine's prefill time {p['prefill_s_with']:.2f} s with it, "
                   f"{p['prefill_s_without']:.2f} s without.", "",
                   f"Decode step, {s['batch']} sequences of {s['length']} tokens: paged "
-                  f"{s['paged_ms']:.2f} ms (blocks, table and gather included), prealloc "
+                  f"{s['paged_ms']:.2f} ms ({PAGED_HOW[s.get('kernel')]}), prealloc "
                   f"{s['contiguous_ms']:.2f} ms{_turns(s)}; same tokens: "
                   f"{'yes' if s['same_tokens'] else 'no'}.",
                   "", "| target | value | limit | met |", "|---|---:|---:|---|"]
@@ -377,20 +384,17 @@ def serving_lines(runs: list[dict]) -> list[str]:
 
 def _why_missed(d: dict) -> list[str]:
     """A paragraph for each target a run missed: why, on this machine."""
-    lines = []
-    waste, step = d["targets"][1], d["targets"][2]
+    lines, (waste, step) = [], d["targets"][1:3]
     if waste["met"] is False:
         lines += ["", f"Why the paged waste is above {waste['limit']:.0f}%: only the last "
                   "block of each running request is partly empty, about half a block each; "
                   f"with blocks of {d['block_size']} and requests that average "
                   f"{d['mean_tokens']:.0f} tokens that is the figure above. vLLM's under 4% "
                   "is for longer requests; smaller blocks waste less (the sweep above)."]
-    if step["met"] is False:
-        lines += ["", "Why the paged step is slower: every layer gathers the batch's blocks "
-                  "into one tensor per step (a copy of the live keys and values) before the "
-                  "fused attention; vLLM's kernel reads each block where it lies. PyTorch's "
-                  "FlexAttention can read them through the block table, compiled, but is "
-                  "slower on a CPU (the FlexAttention section below), and reading the whole "
-                  "pool in place avoids the copy but costs batch x pool work, more than the "
-                  "copy once the pool is not full."]
+    if step["met"] is False:  # the gather: a copy of the live blocks per layer and step
+        how = ("its attention gathered every row's blocks (no C compiler built the paged "
+               "kernel)" if d["step"].get("kernel") is False else "it builds every row's "
+               "block table and slots in Python")
+        lines += ["", f"Why the paged step is slower: {how}; `python -m kvlib.bench "
+                  "flexpaged` times one layer's attention each way."]
     return lines

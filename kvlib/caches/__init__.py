@@ -10,6 +10,8 @@
 |                 | forward's tables and slots), ``PagedCache`` (one layer's view) and         |
 |                 | ``RowPager`` (an equal batch's blocks with no engine; the engine's books:  |
 |                 | ``kvlib.serving``)                                                         |
+| ``paged_kernel.py``| the paged decode step's attention, ``paged_attention.c``, read from the |
+|                 | blocks where they lie: built with the machine's C compiler, or the gather  |
 | ``registry.py`` | ``STRATEGIES``, written out once; ``register``; ``build`` (local layers:   |
 |                 | a ring of their own window, ``with_local_layers``)                         |
 

@@ -93,6 +93,12 @@ class KVCache(nn.Module):
         """Store new ``(B, H, T, D)`` keys/values; return the keys/values attention must see."""
         raise NotImplementedError
 
+    def attend_in_place(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor | None:
+        """A decode step's attention done by the cache over its own storage, where a kernel
+        reads it as it lies (``PagedCache``): the output ``(B, H, 1, D)``, the new token stored.
+        None, here: ``attend`` calls ``update`` and attends over what it returns."""
+        return None
+
     def get_seq_length(self) -> int:
         """Tokens this cache has been given since the last reset."""
         return self.seen

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import KVCache, LayerSpec, Traits
+from .paged_kernel import decode_kernel
 
 
 def check_block_size(block_size: int) -> None:
@@ -107,7 +108,8 @@ class PagedBatch:
         self.tables: Tensor | None = None  # (B, n): each row's block table, padded with block 0
         self.positions: Tensor | None = None  # (B, T): the new tokens' positions in their rows
         self.write_at: Tensor | None = None  # (B * T,): each new token's slot in the storage
-        self.mask: Tensor | None = None  # (B, 1, T, n * block_size): what each query may see
+        self.lengths: Tensor | None = None  # (B,): each row's tokens after this forward
+        self._mask: Tensor | None = None  # (B, 1, T, n * block_size): what each query may see
 
     def set(self, tables: list[list[int]], starts: list[int], T: int,
             device: torch.device | str) -> None:
@@ -122,8 +124,16 @@ class PagedBatch:
         self.write_at = index_tensor(  # each new token's block, and its slot in the block
             [t[p // bs] * bs + p % bs for t, r in zip(tables, rows, strict=True)
              for p in r], device)
-        slot = torch.arange(n * bs, device=device)  # the gathered keys' slots, in table order
-        self.mask = slot <= self.positions[:, None, :, None]  # (B, 1, T, S): causal
+        self.lengths = self.positions[:, -1] + 1
+        self._mask = None  # made if a layer asks: the decode kernel reads lengths instead
+
+    @property
+    def mask(self) -> Tensor:
+        """``(B, 1, T, S)``: which of the gathered keys' ``S`` slots each query may see."""
+        if self._mask is None:
+            slot = torch.arange(self.tables.shape[1] * self.block_size, device=self.tables.device)
+            self._mask = slot <= self.positions[:, None, :, None]  # causal, in table order
+        return self._mask
 
     def set_packed(self, tables: list[list[int]], starts: list[int], counts: list[int],
                    device: torch.device | str) -> list[int]:
@@ -146,7 +156,8 @@ class PagedBatch:
         self.positions = positions[None]  # (1, N)
         self.write_at = table[at // bs] * bs + positions % bs  # (N,) the slot of the storage
         slot = torch.arange(len(table) * bs, device=device)
-        self.mask = ((slot >= first[owner][:, None]) & (slot <= at[:, None]))[None, None]
+        self._mask = ((slot >= first[owner][:, None]) & (slot <= at[:, None]))[None, None]
+        self.lengths = None  # one row of several requests: no decode kernel
         return (ends - 1).tolist()
 
 
@@ -212,12 +223,14 @@ class PagedCache(KVCache):
     tokens. (Under a ``RowPager`` every row holds the same tokens, so the gathered keys are cut
     to the filled slots and attention needs no mask, as for "prealloc".)
 
-    Why gather: PyTorch's fused attention reads no keys through a block table (vLLM and
-    FlashInfer write kernels that read each block where it lies); FlexAttention does, compiled,
-    and is slower on a CPU (``python -m kvlib.bench flexpaged``). The gather is one copy of
-    the batch's live blocks per layer per step, the same bytes attention reads anyway, and then
-    the ordinary fused ``scaled_dot_product_attention`` runs on it. ``python -m kvlib.bench
-    serving`` measures what it costs against a contiguous cache.
+    A decode step (one new token per row) reads the blocks where they lie instead, as vLLM's
+    kernel does: ``attend_in_place`` writes the token and hands the block tables to
+    ``paged_attention.c`` (``paged_kernel``). PyTorch's fused attention reads no keys through a
+    block table, and FlexAttention, which does once compiled, is slower on a CPU than the
+    gather (``python -m kvlib.bench flexpaged`` times all three). Where the kernel cannot run
+    (no C compiler, another dtype or device, autograd), and for a prefill, ``update`` gathers:
+    one copy of the batch's live blocks per layer, then the ordinary fused attention.
+    ``python -m kvlib.bench serving`` times the paged decode step against a contiguous cache.
     """
 
     name = "paged"
@@ -268,27 +281,46 @@ class PagedCache(KVCache):
         return self.batch.positions  # (B, T), set by the engine
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(keys, values, None)
-        if self.pager is not None and self.layer == 0:  # this forward's batch, for every layer
-            if self.pad is not None:
-                raise ValueError("the paged cache alone takes rows of equal length: serve "
-                                 "prompts of different lengths with kvlib.Engine")
-            self.pager.advance(keys, self.seen)
-        storage, batch = self.storage, self.batch
-        K, V = storage.keys[self.layer], storage.values[self.layer]  # (N, bs, H, D)
+        K, V = self._write(keys, values)  # (N, bs, H, D)
         B, H, T, D = keys.shape
-        slots = batch.write_at  # (B * T,) into the storage seen as one run of N * bs slots
-        K.view(-1, H, D).index_copy_(0, slots, keys.transpose(1, 2).reshape(B * T, H, D))
-        V.view(-1, H, D).index_copy_(0, slots, values.transpose(1, 2).reshape(B * T, H, D))
-        n = batch.tables.shape[1]
-        rows = batch.tables.view(-1)  # every row's blocks, in table order
-        S = n * storage.block_size
+        tables = self.batch.tables  # (B, n)
+        S = tables.shape[1] * self.storage.block_size
+        rows = tables.view(-1)  # every row's blocks, in table order
         k = K.index_select(0, rows).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
         v = V.index_select(0, rows).view(B, S, H, D).transpose(1, 2)
         self.seen += T
         if self.pager is not None:  # rows of equal length: their filled slots, in order
             return k[:, :, : self.seen], v[:, :, : self.seen]
         return k, v
+
+    def attend_in_place(self, q: Tensor, keys: Tensor, values: Tensor) -> Tensor | None:
+        """A decode step's attention read from the blocks where they lie
+        (``paged_attention.c``), the new token written first: ``(B, H, 1, D)``, or None where
+        the kernel does not run (see ``paged_kernel``), and ``attend`` calls ``update``."""
+        kernel = decode_kernel(q, keys)
+        held = self.storage.keys
+        if kernel is None or held is not None and held.dtype != torch.float32 \
+                or self.pager is None and self.batch.lengths is None:  # a packed row
+            return None
+        K, V = self._write(keys, values)
+        self.seen += 1
+        return kernel(q, K, V, self.batch.tables, self.batch.lengths)
+
+    def _write(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The new tokens ``(B, H, T, D)`` into their slots (under a ``RowPager``, layer 0 sets
+        the batch first); returns this layer's storage ``(N, bs, H, D)``."""
+        self._check(keys, values, None)
+        if self.pager is not None and self.layer == 0:  # this forward's batch, for every layer
+            if self.pad is not None:
+                raise ValueError("the paged cache alone takes rows of equal length: serve "
+                                 "prompts of different lengths with kvlib.Engine")
+            self.pager.advance(keys, self.seen)
+        K, V = self.storage.keys[self.layer], self.storage.values[self.layer]  # (N, bs, H, D)
+        B, H, T, D = keys.shape
+        slots = self.batch.write_at  # (B * T,) into the storage seen as one run of N * bs slots
+        K.view(-1, H, D).index_copy_(0, slots, keys.transpose(1, 2).reshape(B * T, H, D))
+        V.view(-1, H, D).index_copy_(0, slots, values.transpose(1, 2).reshape(B * T, H, D))
+        return K, V
 
     def crop(self, n: int) -> None:
         """Roll back to ``n`` tokens (``cache="paged"``: the blocks past them go back); under an

@@ -44,6 +44,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, dropout: floa
         return scored_attention(q, k, v, cache)
     window, mask = None, None
     B, H, T, D = q.shape
+    if cache is not None and T == 1 and dropout == 0.0 \
+            and (y := cache.attend_in_place(q, k, v)) is not None:
+        return y  # a cache that reads its storage where it lies (paged blocks)
     if cache is not None:
         k, v = cache.update(k, v)  # (B, H_kv, S, D), S >= T
         window = cache.window

@@ -131,6 +131,9 @@ class LatentCacheView:
         first, second = self.cache.update(first, second)  # (B, 1, S, latent_dim / 2) each
         return self.expand(torch.cat([first, second], dim=-1))  # from (B, 1, S, latent_dim)
 
+    def attend_in_place(self, q: Tensor, first: Tensor, second: Tensor) -> None:
+        return None  # what attention reads is the expansion, never the stored halves
+
     def __getattr__(self, name: str):
         return getattr(self.cache, name)
 
