@@ -195,8 +195,8 @@ def _step_ratio(model, batch: int, length: int, steps: int, block_size: int,
         contiguous_ms.append(c)
         same = same and all(torch.equal(outs[b], seq[b]) for b in range(batch))
     ratios = [p / c for p, c in zip(paged_ms, contiguous_ms, strict=True)]
-    c = model.cfg
-    kernel = kernel_runs(c.n_heads, getattr(c, "n_kv_heads", c.n_heads), c.head_dim)
+    spec = model.layer_specs()[0]
+    kernel = kernel_runs(model.cfg.n_heads, spec.n_kv_heads, spec.head_dim)
     return {"batch": batch, "length": length, "repeats": repeats, "kernel": kernel,
             "contiguous_ms": median(contiguous_ms), "paged_ms": median(paged_ms),
             "ratio": median(ratios), "ratios": ratios, "same_tokens": same}

@@ -298,9 +298,7 @@ class PagedCache(KVCache):
         (``paged_attention.c``), the new token written first: ``(B, H, 1, D)``, or None where
         the kernel does not run (see ``paged_kernel``), and ``attend`` calls ``update``."""
         kernel = decode_kernel(q, keys)
-        held = self.storage.keys
-        if kernel is None or held is not None and held.dtype != torch.float32 \
-                or self.pager is None and self.batch.lengths is None:  # a packed row
+        if kernel is None or self.pager is None and self.batch.lengths is None:  # a packed row
             return None
         K, V = self._write(keys, values)
         self.seen += 1

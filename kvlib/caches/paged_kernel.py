@@ -47,8 +47,8 @@ def compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def _build(cc: str, out: Path, head_dim: int, group: int) -> list[str]:
-    """Compile and link ``SOURCE`` into ``out``; returns the flags that worked."""
+def _build(cc: str, out: Path, head_dim: int, group: int) -> None:
+    """Compile and link ``SOURCE`` into ``out`` with the first of ``TRIES`` that works."""
     shape = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}"]
     errors = []
     for flags in TRIES:
@@ -63,7 +63,7 @@ def _build(cc: str, out: Path, head_dim: int, group: int) -> list[str]:
                 errors.append(f"{' '.join(cmd)}\n{done.stderr.strip()[-400:]}")
                 break
         else:
-            return flags
+            return
     raise RuntimeError("\n".join(errors))
 
 
@@ -129,7 +129,7 @@ def _call(fn: Callable, q: Tensor, K: Tensor, V: Tensor, tables: Tensor, lengths
     """Attention of ``q`` ``(B, H, 1, D)`` over row b's first ``lengths[b]`` slots of its blocks
     ``tables[b]`` in one layer's storage ``K``, ``V`` ``(N, bs, H_kv, D)``: ``(B, H, 1, D)``."""
     B, H, _, D = q.shape
-    N, bs, H_kv, _ = K.shape
+    _, bs, H_kv, _ = K.shape
     q = q.contiguous()
     out = torch.empty_like(q)
     if fn(q.data_ptr(), K.data_ptr(), V.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
