@@ -176,7 +176,7 @@ def _recomputed(model: CausalLM, row: Tensor, window: int | None, batch_size: in
     ends = torch.arange(first, T - 1, device=row.device)  # windows ending at token t
     for chunk in ends.split(batch_size) if len(ends) else ():
         idx = chunk[:, None] - window + 1 + torch.arange(window, device=row.device)  # (n, W)
-        logits = model(row[idx])[:, -1]  # (n, vocab): only the window's last position
+        logits = model(row[idx], last_only=True)[:, -1]  # (n, vocab): the window's last position
         out.append(_token_nll(logits, row[chunk + 1]))
     return torch.cat(out)
 
