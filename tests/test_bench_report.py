@@ -177,3 +177,12 @@ def test_check_payback_grades_a_readers_payback_with_a_hint():
             check_payback(fn, verbose=False)
     with pytest.raises(CacheCheckError, match="never pays back"):  # negative for a slower step
         check_payback(lambda s, e, c: 1e3 * s / (e - c) if e != c else math.inf, verbose=False)
+
+
+def test_target_line_shows_a_third_decimal_only_where_rounding_hides_the_verdict():
+    from kvlib.bench.report import target_line
+
+    row = {"target": "step / floor", "op": "<=", "limit": 1.15, "detail": "", "met": False}
+    assert "| 1.151x | <= 1.15 | **no** |" in target_line({**row, "value": 1.1512})
+    assert "| 1.16x |" in target_line({**row, "value": 1.1612})
+    assert "| 1.149x | <= 1.15 | yes |" in target_line({**row, "value": 1.1494, "met": True})

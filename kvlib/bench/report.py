@@ -109,7 +109,10 @@ def target_line(t: dict) -> str:
         met = "shown" if t["value"] is not None else "not measured"
     limit = "" if t["limit"] is None else f"{t['op']} {t['limit']}"
     detail = f" ({t['detail']})" if t["detail"] else ""
-    return f"| {t['target']}{detail} | {_fmt(t['value'])}x | {limit} | {met} |"
+    value = t["value"]
+    close = value is not None and t["limit"] is not None and round(value, 2) == t["limit"]
+    spec = ".3f" if close else ".2f"  # 1.151 against a limit of 1.15: show why it is missed
+    return f"| {t['target']}{detail} | {_fmt(value, spec)}x | {limit} | {met} |"
 
 
 def locksteps(data: dict) -> list[dict]:
