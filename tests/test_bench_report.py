@@ -112,10 +112,14 @@ REPORT_ARGS = ["report", "benchmarks/results.json", "--plots-dir", "benchmarks",
                "--gap", "benchmarks/gap-gpt2-intel.json",
                "--also", "benchmarks/modern.json", "--streaming", "benchmarks/streaming.json",
                "--streaming", "benchmarks/streaming-compiled.json",
-               "--serving", "benchmarks/serving.json", "--compress", "benchmarks/compress.json",
+               "--streaming", "benchmarks/streaming-amd.json",
+               "--streaming", "benchmarks/streaming-compiled-amd.json",
+               "--serving", "benchmarks/serving.json", "--serving", "benchmarks/serving-amd.json",
+               "--compress", "benchmarks/compress.json",
                "--speculative", "benchmarks/speculative.json", "--surgery",
                "benchmarks/surgery.json", "--latent", "benchmarks/latent.json",
-               "--flexpaged", "benchmarks/flexpaged.json"]
+               "--flexpaged", "benchmarks/flexpaged.json",
+               "--flexpaged", "benchmarks/flexpaged-amd.json"]
 
 
 def test_the_stored_results_render_to_the_stored_report(capsys, monkeypatch):

@@ -115,10 +115,13 @@ def add_other_parsers(sub) -> None:
     st.add_argument("--no-progress", action="store_true")
     rep.add_argument("--streaming", action="append", default=[], help="a JSON written by the "
                      "streaming command, to include; repeatable")
-    rep.add_argument("--serving", help="a JSON written by the serving command, to include")
+    rep.add_argument("--serving", action="append", default=[], help="a JSON written by the "
+                     "serving command, to include; repeatable (one per machine type)")
     rep.add_argument("--compress", help="a JSON written by the compress command, to include")
-    for name in ("speculative", "surgery", "latent", "flexpaged"):
+    for name in ("speculative", "surgery", "latent"):
         rep.add_argument(f"--{name}", help=f"a JSON written by the {name} command, to include")
+    rep.add_argument("--flexpaged", action="append", default=[], help="a JSON written by the "
+                     "flexpaged command, to include; repeatable")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
@@ -236,9 +239,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     for path in args.streaming:
         print("\n---\n")
         print("\n".join(streaming_lines(_read(path))))
-    if args.serving:
+    for path in args.serving:
         print("\n---\n")
-        print("\n".join(serving_lines(_read(args.serving)["runs"])))
+        print("\n".join(serving_lines(_read(path)["runs"])))
     if args.compress:
         print("\n---\n")
         print("\n".join(compress_lines(_read(args.compress))))
@@ -247,7 +250,8 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
         print("\n---\n")
         print("\n".join(gap_text(g, g["model"]) + [f"Command: `{g['command']}`", ""]))
     for path, lines in ((args.speculative, speculative_lines), (args.surgery, surgery_lines),
-                        (args.latent, latent_lines), (args.flexpaged, flex_paged_lines)):
+                        (args.latent, latent_lines),
+                        *((path, flex_paged_lines) for path in args.flexpaged)):
         if path:
             print("\n---\n")
             print("\n".join(lines(_read(path))))
