@@ -36,6 +36,8 @@ from .models import CausalLM
 CACHE_COUNTERS = (r".*\['kv_cache'\]\.(seen|max_len),"
                   r".*\['kv_cache'\]\._buffers\['(keys|values)'\]:2")
 
+RECOMPILE_LIMIT = 64  # graphs per function (see compiling())
+
 _COMPILED: weakref.WeakKeyDictionary[CausalLM, nn.Module] = weakref.WeakKeyDictionary()
 
 
@@ -64,11 +66,17 @@ def compiling() -> Iterator[None]:
       ``__dict__`` has not changed since the last step (``use_recursive_dict_tags_for_guards``):
       the weights' modules, not the caches, whose counters move at every step. That assumes a
       module's tensors are not changed in place behind its back (``param.data = other``);
-      loading weights with ``load_state_dict`` copies values and is fine."""
+      loading weights with ``load_state_dict`` copies values and is fine.
+    - A function may hold up to ``RECOMPILE_LIMIT`` graphs, not dynamo's default 8, past which
+      it runs that function eagerly with one warning: each strategy, each phase of a cache
+      (filling, full, past the trained positions) and each model is a graph of its own for the
+      same ``forward``, and the streaming benchmark (three strategies in one process) went past
+      8, so its prealloc and recompute runs decoded eagerly while they counted as compiled."""
     with torch.compiler.config.patch(dynamic_sources=CACHE_COUNTERS), \
             torch._inductor.config.patch(cpp_wrapper=True), \
             torch._dynamo.config.patch(enable_cpp_symbolic_shape_guards=True,
-                                       use_recursive_dict_tags_for_guards=True):
+                                       use_recursive_dict_tags_for_guards=True,
+                                       recompile_limit=RECOMPILE_LIMIT):
         yield
 
 

@@ -70,9 +70,11 @@ def test_new_batches_and_lengths_reuse_the_compiled_graphs(make_llama):
     """A prompt length, a batch or a number of new tokens not seen before turns that dim
     symbolic once; after that no call compiles again, and each gives eager's tokens (a
     prefill that split its graph, on the ids check or on a symbolic ``is_causal``, compiled its
-    pieces again and again until dynamo gave up and ran them eagerly)."""
+    pieces again and again until dynamo gave up and ran them eagerly). Dynamo starts afresh:
+    the graphs of the tests before, for the same ``forward``, would otherwise take part."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
     model = make_llama("tiny-llama", seed=3)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=g)
@@ -84,3 +86,23 @@ def test_new_batches_and_lengths_reuse_the_compiled_graphs(make_llama):
         assert torch.equal(compiled.tokens,
                            kvlib.generate(model, ids[:b, :t], n, cache="prealloc").tokens)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_function_keeps_more_graphs_than_dynamos_default():
+    """Under ``compiling()`` a function compiles a graph for each of ten kinds of input, past
+    dynamo's default of 8, after which it would run eagerly: a model's forward meets a graph per
+    strategy, per phase of a cache and per model (the streaming benchmark needed more than 8)."""
+    from torch._dynamo.utils import counters
+
+    from kvlib.compiling import RECOMPILE_LIMIT, compiling
+
+    assert RECOMPILE_LIMIT > 10
+    double = torch.compile(lambda x: x * 2, backend="eager")  # traced by dynamo, no codegen
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+              torch.int32, torch.int16, torch.int8, torch.uint8, torch.complex64]
+    with compiling():
+        before = counters["stats"]["unique_graphs"]
+        for dtype in dtypes:
+            assert torch.equal(double(torch.ones(3, dtype=dtype)),
+                               torch.full((3,), 2, dtype=dtype))
+        assert counters["stats"]["unique_graphs"] - before == len(dtypes)
