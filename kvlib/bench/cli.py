@@ -63,17 +63,24 @@ def add_run_parser(sub) -> None:
     r.add_argument("--no-progress", action="store_true")
 
 
-def add_other_parsers(sub) -> None:
+def add_report_parser(sub) -> None:
+    """``report``: the Markdown of a results JSON and of the other commands' JSON files."""
     rep = sub.add_parser("report", help="Markdown tables of a results JSON (to stdout)")
     rep.add_argument("json")
     rep.add_argument("--plots-dir", default="", help="where the PNGs are (to list only those)")
     rep.add_argument("--compile", help="a JSON written by the compile command, to include")
-    rep.add_argument("--lockstep", action="append", default=[], help="a JSON written by the "
-                     "lockstep command, to include; repeatable")
-    rep.add_argument("--gap", action="append", default=[], help="a JSON written by the gap "
-                     "command, to include; repeatable")
+    for name in ("lockstep", "gap", "streaming", "serving", "flexpaged"):  # a machine type each
+        rep.add_argument(f"--{name}", action="append", default=[], help=f"a JSON written by "
+                         f"the {name} command, to include; repeatable")
+    rep.add_argument("--compress", help="a JSON written by the compress command, to include")
+    for name in ("speculative", "surgery", "latent"):
+        rep.add_argument(f"--{name}", help=f"a JSON written by the {name} command, to include")
     rep.add_argument("--also", action="append", default=[], help="another run's JSON (e.g. "
                      "another plan or machine), appended as its own report; repeatable")
+
+
+def add_other_parsers(sub) -> None:
+    add_report_parser(sub)
     ls = sub.add_parser("lockstep", help="kvlib, DynamicCache and the floor one step each, in "
                         "turn (needs transformers)")
     ls.add_argument("--model", default="gpt2")
@@ -113,15 +120,6 @@ def add_other_parsers(sub) -> None:
                     "(generate(..., compile=True)); the warm-up pass compiles")
     st.add_argument("--out", default="streaming.json")
     st.add_argument("--no-progress", action="store_true")
-    rep.add_argument("--streaming", action="append", default=[], help="a JSON written by the "
-                     "streaming command, to include; repeatable")
-    rep.add_argument("--serving", action="append", default=[], help="a JSON written by the "
-                     "serving command, to include; repeatable (one per machine type)")
-    rep.add_argument("--compress", help="a JSON written by the compress command, to include")
-    for name in ("speculative", "surgery", "latent"):
-        rep.add_argument(f"--{name}", help=f"a JSON written by the {name} command, to include")
-    rep.add_argument("--flexpaged", action="append", default=[], help="a JSON written by the "
-                     "flexpaged command, to include; repeatable")
     pl = sub.add_parser("plot", help="PNG plots of a results JSON")
     pl.add_argument("json")
     pl.add_argument("--dir", default=".")
