@@ -234,23 +234,14 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.lockstep:
         data["lockstep"] = [_read(path) for path in args.lockstep]
     print(report(data, args.plots_dir))
-    for path in args.streaming:
-        print("\n---\n")
-        print("\n".join(streaming_lines(_read(path))))
-    for path in args.serving:
-        print("\n---\n")
-        print("\n".join(serving_lines(_read(path)["runs"])))
-    if args.compress:
-        print("\n---\n")
-        print("\n".join(compress_lines(_read(args.compress))))
-    for path in args.gap:
-        g = _read(path)
-        print("\n---\n")
-        print("\n".join(gap_text(g, g["model"]) + [f"Command: `{g['command']}`", ""]))
-    for path, lines in ((args.speculative, speculative_lines), (args.surgery, surgery_lines),
-                        (args.latent, latent_lines),
-                        *((path, flex_paged_lines) for path in args.flexpaged)):
-        if path:
+    sections = [  # (the JSON files given, the Markdown lines of one), in the report's order
+        (args.streaming, streaming_lines), (args.serving, lambda d: serving_lines(d["runs"])),
+        ([args.compress], compress_lines),
+        (args.gap, lambda g: gap_text(g, g["model"]) + [f"Command: `{g['command']}`", ""]),
+        ([args.speculative], speculative_lines), ([args.surgery], surgery_lines),
+        ([args.latent], latent_lines), (args.flexpaged, flex_paged_lines)]
+    for paths, lines in sections:
+        for path in filter(None, paths):
             print("\n---\n")
             print("\n".join(lines(_read(path))))
     for path in args.also:  # each with its own machine, commands and targets

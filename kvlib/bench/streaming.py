@@ -27,6 +27,8 @@ from .targets import target_row
 # The order within a pass: the sink cache's last steps are timed just before recomputation's,
 # seconds apart, so a pass's ratio of the two is not skewed by a machine that slows down between.
 STRATEGIES = ("prealloc", "sinks", "recompute")
+GROWS = ("the ratio grows with the window and the model (StreamingLLM's 22.2x is Llama 2 7B "
+         "with a 4,096-token cache on a GPU).")
 
 
 def _lengths(length: int) -> list[int]:
@@ -128,13 +130,10 @@ def streaming_lines(d: dict) -> list[str]:
                   "most of the sink step's fixed cost away, but a forward pass over "
                   f"{d['window']} tokens reads each weight once for all its tokens and runs as "
                   "large matrix products, so its time grows far more slowly than its tokens; "
-                  "the ratio grows with the window and the model (StreamingLLM's 22.2x is "
-                  "Llama 2 7B with a 4,096-token cache on a GPU)."]
+                  + GROWS]
     elif d["targets"][1]["met"] is False:
         lines += ["", f"Why recomputation is not 10x slower here: it runs a forward pass over "
                   f"{d['window']} tokens per new token, a decode step over one; on a model this "
                   f"small, on a CPU, a step costs mostly its fixed per-layer work, which a "
-                  f"{d['window']}-token pass shares across its tokens. The ratio grows with the "
-                  "window and the model: StreamingLLM's 22.2x is Llama 2 7B with a 4,096-token "
-                  "cache on a GPU."]
+                  f"{d['window']}-token pass shares across its tokens; " + GROWS]
     return lines
